@@ -1,0 +1,102 @@
+"""Atomic checkpoints: parameters, optimizer state, PRNG state, epoch, configs and history.
+
+One msgpack file per checkpoint directory (``checkpoint.msgpack``). It is written to a
+temporary file in the same directory, flushed to disk and renamed over the old one, so a
+crash mid-write leaves the previous checkpoint intact and never a file that loads wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import serialization
+
+from dmm_jax.config import DMMConfig, TrainConfig, config_from_dict, config_to_dict
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match what it is restored into."""
+
+
+def checkpoint_path(directory: str | os.PathLike) -> Path:
+    return Path(directory) / CHECKPOINT_FILE
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    train_state: Any,
+    *,
+    model_config: DMMConfig,
+    train_config: TrainConfig,
+    history: list[dict[str, Any]],
+) -> Path:
+    """Atomically writes ``train_state`` (any pytree flax can serialize) with its configs."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_config": json.dumps(config_to_dict(model_config)),
+        "train_config": json.dumps(config_to_dict(train_config)),
+        "history": json.dumps(history),
+        "state": serialization.to_state_dict(train_state),
+    }
+    data = serialization.msgpack_serialize(payload)
+    target = checkpoint_path(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
+
+
+def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """Reads a checkpoint: configs as dataclasses, history as a list, state as a raw dict."""
+    path = checkpoint_path(directory)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+    except Exception as err:  # msgpack raises several unrelated types on corrupt bytes
+        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a dmm_jax checkpoint of format {FORMAT_VERSION}")
+    return {
+        "model_config": config_from_dict(DMMConfig, json.loads(payload["model_config"])),
+        "train_config": config_from_dict(TrainConfig, json.loads(payload["train_config"])),
+        "history": json.loads(payload["history"]),
+        "state": payload["state"],
+        "path": path,
+    }
+
+
+def restore_state(template: Any, raw_state: dict[str, Any], source: Path | str = "checkpoint"):
+    """Fills ``template`` (a freshly initialised state of the same structure) from raw_state."""
+    try:
+        restored = serialization.from_state_dict(template, raw_state)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{source}: state does not match this model ({err})") from err
+    want = jax.tree.map(np.shape, template)
+    got = jax.tree.map(np.shape, restored)
+    if want != got:
+        raise CheckpointError(f"{source}: array shapes do not match this model's configuration")
+    return restored

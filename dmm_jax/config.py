@@ -1,0 +1,85 @@
+"""Configurations: what the model is (``DMMConfig``) and how it is trained (``TrainConfig``).
+
+Defaults are the reference's (Pyro's examples/dmm.py), so the same numbers mean the same
+thing in both. Both are frozen dataclasses that round-trip through JSON (checkpoints keep them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dmm_jax.nn import RNN_CELLS
+
+
+@dataclasses.dataclass(frozen=True)
+class DMMConfig:
+    """Sizes and choices of the networks."""
+
+    obs_dim: int = 88
+    z_dim: int = 100
+    emission_dim: int = 100
+    transition_dim: int = 200
+    rnn_dim: int = 600
+    rnn_cell: str = "rnn"
+
+    def __post_init__(self):
+        for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DMMConfig.{field} must be a positive int, got {value!r}")
+        if self.rnn_cell not in RNN_CELLS:
+            raise ValueError(f"DMMConfig.rnn_cell must be one of {RNN_CELLS}, got {self.rnn_cell!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, annealing, batching and evaluation settings.
+
+    The optimizer is Pyro's ClippedAdam: each gradient element clipped to +-clip_norm, L2
+    weight decay added to the gradient, Adam(beta1, beta2, eps), and the learning rate
+    multiplied by lr_decay after every step. The KL term is scaled by an annealing factor that
+    rises linearly from minimum_annealing_factor to 1 over annealing_epochs, per mini-batch.
+    """
+
+    epochs: int = 5000
+    batch_size: int = 20
+    learning_rate: float = 3e-4
+    beta1: float = 0.96
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_norm: float = 10.0
+    lr_decay: float = 0.99996
+    weight_decay: float = 2.0
+    annealing_epochs: int = 1000
+    minimum_annealing_factor: float = 0.2
+    seed: int = 0
+    eval_every: int = 0  # evaluate validation and test every K epochs (0: only at the end)
+    eval_samples: int = 1
+    eval_batch_size: int = 64
+
+    def __post_init__(self):
+        positive = ("epochs", "batch_size", "learning_rate", "eval_samples", "eval_batch_size")
+        for field in positive:
+            if getattr(self, field) <= 0:
+                raise ValueError(f"TrainConfig.{field} must be positive, got {getattr(self, field)!r}")
+        for field in ("annealing_epochs", "eval_every", "clip_norm", "weight_decay"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)!r}")
+        if not 0.0 < self.minimum_annealing_factor <= 1.0:
+            raise ValueError("TrainConfig.minimum_annealing_factor must be in (0, 1]")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError("TrainConfig.lr_decay must be in (0, 1]")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]):
+    """Builds ``cls`` from a dict, naming any key that ``cls`` does not have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    return cls(**values)

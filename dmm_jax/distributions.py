@@ -1,0 +1,173 @@
+"""Distributions over whole latent trajectories z_{1:T}, each one NumPyro sample site.
+
+A DMM's latent chain is sequential only when it is *sampled*: given a trajectory z_{1:T},
+every factor p(z_t | z_{t-1}) or q(z_t | z_{t-1}, h_t) can be scored for all t at once. So
+each distribution below samples with ``jax.lax.scan`` and scores with one batched op on the
+shifted trajectory [z_0, z_1, ..., z_{T-1}].
+
+Shapes: batch_shape (B,), event_shape (T, Z): one trajectory per sequence is one event.
+``log_prob`` returns [B], the sum over real steps (``mask`` [B, T]; padded steps contribute
+exactly zero); KL annealing is applied by the model with a NumPyro scale handler.
+
+Noise for step t is drawn from ``fold_in(key, t)``, so appending padded steps to a batch
+leaves the draws of the real steps, and hence the loss, unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from numpyro.distributions import Distribution, constraints
+
+Array = jax.Array
+StepFn = Callable[..., tuple[Array, Array]]
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def step_noise(key: Array, num_steps: int, shape: tuple[int, ...]) -> Array:
+    """Standard normal noise [T, *shape]; step t depends only on (key, t)."""
+    return jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(key, t), shape))(
+        jnp.arange(num_steps)
+    )
+
+
+def normal_log_prob(value: Array, loc: Array, scale: Array) -> Array:
+    """log N(value; loc, diag(scale^2)) summed over the last axis."""
+    eps = (value - loc) / scale
+    return jnp.sum(-0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI, axis=-1)
+
+
+def standardized_normal_log_prob(eps: Array, scale: Array) -> Array:
+    """log N(loc + scale * eps; loc, scale) through the standardized noise eps.
+
+    Same value and same total gradient as ``normal_log_prob`` of the reparameterized draw,
+    but never forms (z - loc) / scale: when q's scale collapses towards zero (or flushes to a
+    subnormal on CPU) that quotient is 0/0 and poisons the gradient.
+    """
+    return jnp.sum(-0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI, axis=-1)
+
+
+def _shift_right(first: Array, z: Array) -> Array:
+    """[z_0, z_1, ..., z_{T-1}]: the previous latent of every step, [B, T, Z]."""
+    first = jnp.broadcast_to(first, (z.shape[0], 1, z.shape[-1]))
+    return jnp.concatenate([first, z[:, :-1]], axis=1)
+
+
+def _time_major(a: Array) -> Array:
+    return jnp.swapaxes(a, 0, 1)
+
+
+def _masked_sum(per_step: Array, mask: Array | None) -> Array:
+    """Sums [B, T] per-step terms over real steps; where, not multiply, so padding is exactly 0."""
+    if mask is not None:
+        per_step = jnp.where(mask, per_step, 0.0)
+    return jnp.sum(per_step, axis=-1)
+
+
+class MarkovGaussianChain(Distribution):
+    """Prior p(z_{1:T}) = prod_t N(z_t; loc(z_{t-1}), scale(z_{t-1})) with z_0 fixed.
+
+    Args:
+        transition: maps z_prev [..., Z] to (loc, scale), each [..., Z].
+        z_0: the chain's start, [Z].
+        batch_size, num_steps: B and T.
+        mask: [B, T], True for real steps (default: all real).
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    reparametrized_params = []
+
+    def __init__(
+        self,
+        transition: StepFn,
+        z_0: Array,
+        batch_size: int,
+        num_steps: int,
+        mask: Array | None = None,
+    ):
+        self.transition = transition
+        self.z_0 = z_0
+        self.mask = mask
+        super().__init__(batch_shape=(batch_size,), event_shape=(num_steps, z_0.shape[-1]))
+
+    def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        if sample_shape:
+            raise NotImplementedError("sample_shape is not supported; vmap over keys instead")
+        (batch,), (num_steps, z_dim) = self.batch_shape, self.event_shape
+        noise = step_noise(key, num_steps, (batch, z_dim))
+
+        def step(z_prev, eps_t):
+            loc, scale = self.transition(z_prev)
+            z_t = loc + scale * eps_t
+            return z_t, z_t
+
+        z_start = jnp.broadcast_to(self.z_0, (batch, z_dim))
+        _, z = jax.lax.scan(step, z_start, noise)
+        return _time_major(z)
+
+    def log_prob(self, value: Array) -> Array:
+        loc, scale = self.transition(_shift_right(self.z_0, value))
+        return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
+
+
+class StructuredPosterior(Distribution):
+    """Guide q(z_{1:T} | x) = prod_t N(z_t; loc(z_{t-1}, h_t), scale(z_{t-1}, h_t)).
+
+    h_t summarises x_{t:T} (the backward RNN), so this is the paper's ST-R / DKS guide.
+
+    Args:
+        combiner: maps (z_prev [..., Z], h [..., H]) to (loc, scale), each [..., Z].
+        z_q_0: the guide's start, [Z].
+        hidden: encoder states h_{1:T}, [B, T, H].
+        mask: [B, T], True for real steps (default: all real).
+
+    ``sample_with_intermediates`` returns the standardized noise and the scales it used, and
+    ``log_prob`` scores a draw through them (see ``standardized_normal_log_prob``).
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    reparametrized_params = []
+
+    def __init__(
+        self, combiner: StepFn, z_q_0: Array, hidden: Array, mask: Array | None = None
+    ):
+        self.combiner = combiner
+        self.z_q_0 = z_q_0
+        self.hidden = hidden
+        self.mask = mask
+        batch, num_steps = hidden.shape[:2]
+        super().__init__(batch_shape=(batch,), event_shape=(num_steps, z_q_0.shape[-1]))
+
+    def sample_with_intermediates(
+        self, key: Array, sample_shape: tuple[int, ...] = ()
+    ) -> tuple[Array, list[Array]]:
+        if sample_shape:
+            raise NotImplementedError("sample_shape is not supported; vmap over keys instead")
+        (batch,), (num_steps, z_dim) = self.batch_shape, self.event_shape
+        noise = step_noise(key, num_steps, (batch, z_dim))
+
+        def step(z_prev, inputs):
+            h_t, eps_t = inputs
+            loc, scale = self.combiner(z_prev, h_t)
+            z_t = loc + scale * eps_t
+            return z_t, (z_t, scale)
+
+        z_start = jnp.broadcast_to(self.z_q_0, (batch, z_dim))
+        _, (z, scale) = jax.lax.scan(step, z_start, (_time_major(self.hidden), noise))
+        return _time_major(z), [_time_major(noise), _time_major(scale)]
+
+    def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        return self.sample_with_intermediates(key, sample_shape)[0]
+
+    def log_prob(self, value: Array, intermediates: list[Array] | None = None) -> Array:
+        if intermediates:
+            eps, scale = intermediates
+            return _masked_sum(standardized_normal_log_prob(eps, scale), self.mask)
+        loc, scale = self.combiner(_shift_right(self.z_q_0, value), self.hidden)
+        return _masked_sum(normal_log_prob(value, loc, scale), self.mask)

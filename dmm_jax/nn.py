@@ -1,0 +1,194 @@
+"""Flax modules of the Deep Markov Model (Krishnan, Shalit & Sontag, AAAI 2017).
+
+Shape vocabulary, used in every module of the package (batch-major throughout):
+    B = batch (sequences), T = time steps, X = observation dim (88 piano keys),
+    Z = latent dim, H = inference-RNN hidden dim.
+
+The modules hold parameters and compute distribution parameters; they know nothing of
+sampling or of NumPyro. ``dmm_jax.model`` wires them into a model/guide pair.
+
+Every dense layer is initialised as PyTorch's ``nn.Linear`` (uniform in +-1/sqrt(fan_in) for
+weight and bias), so the reference's hyperparameters mean the same thing here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
+
+RNN_CELLS = ("rnn", "gru", "lstm")
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def uniform_init(bound: float) -> Initializer:
+    """U(-bound, bound), PyTorch's default for linear and recurrent layers."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Linear(nn.Module):
+    """y = x W + b with PyTorch's default initialisation unless inits are given."""
+
+    features: int
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bound = 1.0 / math.sqrt(x.shape[-1])
+        kernel = self.param(
+            "kernel", self.kernel_init or uniform_init(bound), (x.shape[-1], self.features)
+        )
+        bias = self.param("bias", self.bias_init or uniform_init(bound), (self.features,))
+        return x @ kernel + bias
+
+
+def _identity_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
+
+
+class GatedTransition(nn.Module):
+    """Gated transition p(z_t | z_{t-1}) = N(loc, diag(scale^2)) (paper, section 5).
+
+        gate     = sigmoid(W_g2 relu(W_g1 z_{t-1}))
+        proposed = W_p2 relu(W_p1 z_{t-1})
+        loc      = (1 - gate) * (W_l z_{t-1} + b_l) + gate * proposed
+        scale    = softplus(W_s relu(proposed))
+
+    W_l starts as the identity and b_l as zero, so an untrained chain drifts slowly.
+    """
+
+    z_dim: int
+    transition_dim: int
+
+    @nn.compact
+    def __call__(self, z_prev: Array) -> tuple[Array, Array]:
+        """z_prev [..., Z] -> (loc, scale), each [..., Z]."""
+        gate_hidden = nn.relu(Linear(self.transition_dim, name="gate_z_to_hidden")(z_prev))
+        gate = nn.sigmoid(Linear(self.z_dim, name="gate_hidden_to_z")(gate_hidden))
+        mean_hidden = nn.relu(Linear(self.transition_dim, name="proposed_z_to_hidden")(z_prev))
+        proposed_mean = Linear(self.z_dim, name="proposed_hidden_to_z")(mean_hidden)
+        linear_loc = Linear(
+            self.z_dim, kernel_init=_identity_init, bias_init=nn.initializers.zeros, name="z_to_loc"
+        )(z_prev)
+        loc = (1.0 - gate) * linear_loc + gate * proposed_mean
+        scale = nn.softplus(Linear(self.z_dim, name="proposed_to_scale")(nn.relu(proposed_mean)))
+        return loc, scale
+
+
+class BernoulliEmitter(nn.Module):
+    """p(x_t | z_t) = prod_i Bernoulli(x_ti; sigmoid(logits_i)), logits = MLP(z_t).
+
+    Returns logits, never clamped probabilities: the log likelihood is then exact and its
+    gradient finite for saturated notes.
+    """
+
+    obs_dim: int
+    emission_dim: int
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        """z [..., Z] -> logits [..., X]."""
+        h = nn.relu(Linear(self.emission_dim, name="z_to_hidden")(z))
+        h = nn.relu(Linear(self.emission_dim, name="hidden_to_hidden")(h))
+        return Linear(self.obs_dim, name="hidden_to_logits")(h)
+
+
+class Combiner(nn.Module):
+    """Guide step q(z_t | z_{t-1}, x_{t:T}) = N(loc, diag(scale^2)).
+
+        h     = (tanh(W_z z_{t-1} + b_z) + h_rnn_t) / 2
+        loc   = W_loc h + b_loc
+        scale = softplus(W_scale h + b_scale)
+    """
+
+    z_dim: int
+    rnn_dim: int
+
+    @nn.compact
+    def __call__(self, z_prev: Array, h_rnn: Array) -> tuple[Array, Array]:
+        """z_prev [..., Z], h_rnn [..., H] -> (loc, scale), each [..., Z]."""
+        h = 0.5 * (jnp.tanh(Linear(self.rnn_dim, name="z_to_hidden")(z_prev)) + h_rnn)
+        loc = Linear(self.z_dim, name="hidden_to_loc")(h)
+        scale = nn.softplus(Linear(self.z_dim, name="hidden_to_scale")(h))
+        return loc, scale
+
+
+class BackwardEncoder(nn.Module):
+    """Recurrent net run backward in time: h_t summarises x_{t:T} of its own sequence.
+
+    Equivalent to the reference's RNN over packed, reversed sequences: a sequence of length
+    L starts from the learnable h_0 at its own last step L-1, and padded steps (t >= L) leave
+    the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
+    hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
+    ("rnn": ReLU Elman, "gru", "lstm").
+    """
+
+    rnn_dim: int
+    cell: str = "rnn"
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        """x [B, T, X], mask [B, T] (1 for real steps) -> hidden states [B, T, H]."""
+        if self.cell not in RNN_CELLS:
+            raise ValueError(f"rnn cell must be one of {RNN_CELLS}, got {self.cell!r}")
+        hidden, gates = self.rnn_dim, _GATES[self.cell]
+        init = uniform_init(1.0 / math.sqrt(hidden))
+        w_ih = self.param("w_ih", init, (x.shape[-1], gates * hidden))
+        b_ih = self.param("b_ih", init, (gates * hidden,))
+        w_hh = self.param("w_hh", init, (hidden, gates * hidden))
+        b_hh = self.param("b_hh", init, (gates * hidden,))
+        h_0 = self.param("h_0", nn.initializers.zeros, (hidden,))
+        batch = x.shape[0]
+        carry = jnp.broadcast_to(h_0, (batch, hidden))
+        if self.cell == "lstm":
+            c_0 = self.param("c_0", nn.initializers.zeros, (hidden,))
+            carry = (carry, jnp.broadcast_to(c_0, (batch, hidden)))
+
+        # Time-major for the scan: [T, B, ...].
+        x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
+        keep = jnp.swapaxes(mask, 0, 1)[..., None].astype(bool)
+        step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
+
+        def step(carry, inputs):
+            xp_t, keep_t = inputs
+            new = step_fn(carry, xp_t, w_hh, b_hh)
+            carry = jax.tree.map(lambda n, o: jnp.where(keep_t, n, o), new, carry)
+            out = carry[0] if self.cell == "lstm" else carry
+            return carry, out
+
+        _, outputs = jax.lax.scan(step, carry, (x_proj, keep), reverse=True)
+        return jnp.swapaxes(outputs, 0, 1)
+
+
+def _rnn_step(h, xp, w_hh, b_hh):
+    return nn.relu(xp + h @ w_hh + b_hh)
+
+
+def _gru_step(h, xp, w_hh, b_hh):
+    hp = h @ w_hh + b_hh
+    x_r, x_z, x_n = jnp.split(xp, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(hp, 3, axis=-1)
+    r = nn.sigmoid(x_r + h_r)
+    z = nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    return (1.0 - z) * n + z * h
+
+
+def _lstm_step(carry, xp, w_hh, b_hh):
+    h, c = carry
+    i, f, g, o = jnp.split(xp + h @ w_hh + b_hh, 4, axis=-1)
+    c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
+    h = nn.sigmoid(o) * jnp.tanh(c)
+    return h, c

@@ -1,0 +1,301 @@
+"""Training: the ClippedAdam optimizer, KL annealing, the jitted SVI update and the epoch loop.
+
+The update is NumPyro's ``SVI.update`` with ``Trace_ELBO`` under ``jax.jit``; its loss is the
+negative ELBO summed over the mini-batch, as in the reference, so the same hyperparameters mean
+the same thing. Batches come padded to length buckets (``dmm_jax.data.batching``), so a run
+compiles a handful of shapes; the annealing factor is a traced array and never recompiles.
+
+Randomness: one root key from ``TrainConfig.seed`` is split into (svi, data, eval) keys; epoch
+e shuffles with ``fold_in(data_key, e)`` and evaluates with ``fold_in(eval_key, e)``, and the
+SVI state carries its own key, so a run resumed from a checkpoint repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.svi import SVIState
+from numpyro.optim import optax_to_numpyro
+from tqdm.auto import tqdm
+
+from dmm_jax.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    read_checkpoint,
+    restore_state,
+    save_checkpoint,
+)
+from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.data.batching import PaddedSequences, shuffled_batches
+from dmm_jax.evaluate import evaluate_split
+from dmm_jax.model import guide, model
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def scale_by_pyro_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam moments exactly as torch/Pyro apply them (eps outside the bias correction).
+
+        m_t = b1 m_{t-1} + (1 - b1) g_t,     v_t = b2 v_{t-1} + (1 - b2) g_t^2
+        u_t = sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps)
+
+    ``optax.scale_by_adam`` adds eps to sqrt(v_hat) instead, which differs when v is tiny.
+    """
+
+    def init_fn(params):
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(jnp.zeros_like, params),
+            nu=jax.tree.map(jnp.zeros_like, params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        step_scale = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        updates = jax.tree.map(lambda m, v: step_scale * m / (jnp.sqrt(v) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clipped_adam(config: TrainConfig) -> optax.GradientTransformation:
+    """Pyro's ClippedAdam from optax parts.
+
+    Each gradient element is clipped to +-clip_norm, then weight_decay * param is added, then
+    Adam; the step size is learning_rate * lr_decay^k at step k (k = 0, 1, ...).
+    """
+    return optax.chain(
+        optax.clip(config.clip_norm),
+        optax.add_decayed_weights(config.weight_decay),
+        scale_by_pyro_adam(config.beta1, config.beta2, config.adam_eps),
+        optax.scale_by_learning_rate(
+            optax.exponential_decay(config.learning_rate, transition_steps=1, decay_rate=config.lr_decay)
+        ),
+    )
+
+
+def annealing_factor(epoch: int, batch_index: int, num_batches: int, config: TrainConfig) -> float:
+    """KL annealing as the reference: linear from the minimum to 1 over annealing_epochs,
+    advanced per mini-batch."""
+    if config.annealing_epochs > 0 and epoch < config.annealing_epochs:
+        progress = (batch_index + epoch * num_batches + 1) / (config.annealing_epochs * num_batches)
+        minimum = config.minimum_annealing_factor
+        return minimum + (1.0 - minimum) * progress
+    return 1.0
+
+
+# ----------------------------------------------------------------------------- SVI
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs besides the configs."""
+
+    svi_state: SVIState
+    epoch: Array  # int32 scalar: number of completed epochs
+    data_key: Array  # shuffles the training set, one fold_in per epoch
+    eval_key: Array
+
+
+def build_svi(model_config: DMMConfig, train_config: TrainConfig) -> SVI:
+    """NumPyro SVI over the DMM model/guide with Trace_ELBO and ClippedAdam."""
+    return SVI(
+        functools.partial(model, config=model_config),
+        functools.partial(guide, config=model_config),
+        optax_to_numpyro(clipped_adam(train_config)),
+        Trace_ELBO(),
+    )
+
+
+def init_train_state(svi: SVI, seed: int, obs_dim: int) -> TrainState:
+    """Initial parameters and optimizer state from ``seed`` (shape-independent)."""
+    svi_key, data_key, eval_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jnp.zeros((1, 1, obs_dim), jnp.float32)
+    svi_state = svi.init(svi_key, x, jnp.ones(1, jnp.int32), jnp.float32(1.0))
+    return TrainState(svi_state, jnp.int32(0), data_key, eval_key)
+
+
+class UpdateStep:
+    """``jax.jit(svi.update)`` that counts how often it is traced, i.e. how many shapes compiled.
+
+    Call: (svi_state, x [B, T, X], lengths [B], annealing_factor []) -> (svi_state, loss).
+    The incoming state's buffers are donated: it must not be used after the call.
+    """
+
+    def __init__(self, svi: SVI):
+        self.compiled_shapes: list[tuple[int, ...]] = []
+
+        def update(svi_state, x, lengths, annealing):
+            self.compiled_shapes.append(tuple(x.shape))  # runs at trace time only
+            return svi.update(svi_state, x, lengths, annealing)
+
+        self._update = jax.jit(update, donate_argnums=0)
+
+    def __call__(self, svi_state, x, lengths, annealing):
+        return self._update(svi_state, x, lengths, jnp.asarray(annealing, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class TrainResult(NamedTuple):
+    params: dict[str, Any]
+    state: TrainState
+    history: list[dict[str, Any]]
+    compiled_shapes: list[tuple[int, ...]]
+
+
+def _sequences(split: Any) -> Sequence[np.ndarray]:
+    return split.sequences if hasattr(split, "sequences") else split
+
+
+def train_epoch(
+    update: UpdateStep,
+    state: TrainState,
+    data: PaddedSequences,
+    config: TrainConfig,
+    *,
+    progress: bool = False,
+) -> tuple[TrainState, float, float]:
+    """One pass over ``data`` in shuffled mini-batches.
+
+    Returns (new state, summed loss, last annealing factor).
+    """
+    epoch = int(state.epoch)
+    batches = shuffled_batches(jax.random.fold_in(state.data_key, epoch), len(data), config.batch_size)
+    svi_state, losses, factor = state.svi_state, [], 1.0
+    for i, indices in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)):
+        x, lengths = data.batch(indices, config.batch_size)
+        factor = annealing_factor(epoch, i, len(batches), config)
+        svi_state, loss = update(svi_state, x, lengths, factor)
+        losses.append(loss)  # stays on device: no sync per batch
+    total = float(jnp.sum(jnp.stack(losses)))
+    return state._replace(svi_state=svi_state, epoch=jnp.int32(epoch + 1)), total, factor
+
+
+def fit(
+    train: Any,
+    valid: Any = None,
+    test: Any = None,
+    *,
+    model_config: DMMConfig = DMMConfig(),
+    train_config: TrainConfig = TrainConfig(),
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log_json: str | os.PathLike | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Trains a DMM by SVI; evaluates validation/test every ``eval_every`` epochs and at the end.
+
+    Args:
+        train, valid, test: splits, each a sequence of [length, X] 0/1 arrays (or an object
+            with ``.sequences``, such as ``dmm_jax.data.SequenceSplit``); valid/test optional.
+        checkpoint_dir: where to write an atomic checkpoint after every epoch.
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        log_json: file receiving one JSON object per epoch (appended to when resuming).
+        progress: show a progress bar over the mini-batches of each epoch.
+        log: called with one human-readable line per epoch (e.g. ``print``).
+
+    Returns:
+        TrainResult with the final parameters, state, per-epoch history and compiled shapes.
+    """
+    say = log or (lambda line: None)
+    train_data = PaddedSequences(_sequences(train))
+    eval_sets = {
+        name: PaddedSequences(_sequences(split))
+        for name, split in (("val", valid), ("test", test))
+        if split is not None
+    }
+    svi = build_svi(model_config, train_config)
+    state = init_train_state(svi, train_config.seed, model_config.obs_dim)
+    history: list[dict[str, Any]] = []
+
+    if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():
+        saved = read_checkpoint(checkpoint_dir)
+        if saved["model_config"] != model_config:
+            raise CheckpointError(
+                f"{saved['path']}: saved model config {saved['model_config']} differs from "
+                f"the requested {model_config}"
+            )
+        state = restore_state(state, saved["state"], saved["path"])
+        history = saved["history"]
+        say(f"resumed from {saved['path']} after epoch {int(state.epoch) - 1}")
+
+    update = UpdateStep(svi)
+    log_file = None
+    if log_json is not None:
+        Path(log_json).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_json, "a" if resume and history else "w")
+    try:
+        while int(state.epoch) < train_config.epochs:
+            epoch = int(state.epoch)
+            start = time.perf_counter()
+            state, loss_sum, factor = train_epoch(update, state, train_data, train_config, progress=progress)
+            seconds = time.perf_counter() - start
+            record = {
+                "epoch": epoch,
+                "train_loss_per_step": loss_sum / train_data.num_steps,
+                "seconds": seconds,
+                "annealing_factor": factor,
+                "compiled_shapes": len(update.compiled_shapes),
+            }
+            if not np.isfinite(loss_sum):
+                raise FloatingPointError(f"training loss is {loss_sum} at epoch {epoch}")
+            last = epoch + 1 == train_config.epochs
+            every = train_config.eval_every
+            if eval_sets and (last or (every and (epoch + 1) % every == 0)):
+                params = svi.get_params(state.svi_state)
+                for name, data in eval_sets.items():
+                    result = evaluate_split(
+                        params,
+                        jax.random.fold_in(state.eval_key, epoch),
+                        data,
+                        model_config,
+                        num_samples=train_config.eval_samples,
+                        batch_size=train_config.eval_batch_size,
+                    )
+                    record[f"{name}_loss_per_step"] = result["loss_per_step"]
+            history.append(record)
+            say(_format_record(record))
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if checkpoint_dir is not None:
+                save_checkpoint(
+                    checkpoint_dir,
+                    state,
+                    model_config=model_config,
+                    train_config=train_config,
+                    history=history,
+                )
+    finally:
+        if log_file is not None:
+            log_file.close()
+    say(f"compiled {len(update.compiled_shapes)} training shapes: {update.compiled_shapes}")
+    return TrainResult(svi.get_params(state.svi_state), state, history, update.compiled_shapes)
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    line = f"[training epoch {record['epoch']:04d}]  {record['train_loss_per_step']:.4f}"
+    for name in ("val", "test"):
+        if f"{name}_loss_per_step" in record:
+            line += f"  {name} {record[f'{name}_loss_per_step']:.4f}"
+    return line + f" \t\t\t\t(dt = {record['seconds']:.3f} sec)"
