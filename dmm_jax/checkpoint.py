@@ -38,8 +38,12 @@ def save_checkpoint(
     model_config: DMMConfig,
     train_config: TrainConfig,
     history: list[dict[str, Any]],
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically writes ``train_state`` (any pytree flax can serialize) with its configs."""
+    """Atomically writes ``train_state`` (any pytree flax can serialize) with its configs.
+
+    ``metadata`` is any JSON-serializable dict (e.g. the dataset name) kept alongside.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -47,6 +51,7 @@ def save_checkpoint(
         "model_config": json.dumps(config_to_dict(model_config)),
         "train_config": json.dumps(config_to_dict(train_config)),
         "history": json.dumps(history),
+        "metadata": json.dumps(metadata or {}),
         "state": serialization.to_state_dict(train_state),
     }
     data = serialization.msgpack_serialize(payload)
@@ -84,6 +89,7 @@ def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
         "model_config": config_from_dict(DMMConfig, json.loads(payload["model_config"])),
         "train_config": config_from_dict(TrainConfig, json.loads(payload["train_config"])),
         "history": json.loads(payload["history"]),
+        "metadata": json.loads(payload.get("metadata", "{}")),
         "state": payload["state"],
         "path": path,
     }

@@ -155,6 +155,31 @@ class UpdateStep:
 # ----------------------------------------------------------------------------- loop
 
 
+class LoadedRun(NamedTuple):
+    params: dict[str, Any]
+    state: TrainState
+    model_config: DMMConfig
+    train_config: TrainConfig
+    history: list[dict[str, Any]]
+    metadata: dict[str, Any]
+
+
+def load_run(checkpoint_dir: str | os.PathLike) -> LoadedRun:
+    """Restores a run saved by ``fit``: parameters, full state, configs, history, metadata."""
+    saved = read_checkpoint(checkpoint_dir)
+    svi = build_svi(saved["model_config"], saved["train_config"])
+    template = init_train_state(svi, saved["train_config"].seed, saved["model_config"].obs_dim)
+    state = restore_state(template, saved["state"], saved["path"])
+    return LoadedRun(
+        svi.get_params(state.svi_state),
+        state,
+        saved["model_config"],
+        saved["train_config"],
+        saved["history"],
+        saved["metadata"],
+    )
+
+
 class TrainResult(NamedTuple):
     params: dict[str, Any]
     state: TrainState
@@ -202,6 +227,7 @@ def fit(
     log_json: str | os.PathLike | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Trains a DMM by SVI; evaluates validation/test every ``eval_every`` epochs and at the end.
 
@@ -213,6 +239,7 @@ def fit(
         log_json: file receiving one JSON object per epoch (appended to when resuming).
         progress: show a progress bar over the mini-batches of each epoch.
         log: called with one human-readable line per epoch (e.g. ``print``).
+        metadata: JSON-serializable facts stored in the checkpoint (e.g. the dataset name).
 
     Returns:
         TrainResult with the final parameters, state, per-epoch history and compiled shapes.
@@ -229,15 +256,14 @@ def fit(
     history: list[dict[str, Any]] = []
 
     if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():
-        saved = read_checkpoint(checkpoint_dir)
-        if saved["model_config"] != model_config:
+        saved = load_run(checkpoint_dir)
+        if saved.model_config != model_config:
             raise CheckpointError(
-                f"{saved['path']}: saved model config {saved['model_config']} differs from "
-                f"the requested {model_config}"
+                f"{checkpoint_path(checkpoint_dir)}: saved model config {saved.model_config} "
+                f"differs from the requested {model_config}"
             )
-        state = restore_state(state, saved["state"], saved["path"])
-        history = saved["history"]
-        say(f"resumed from {saved['path']} after epoch {int(state.epoch) - 1}")
+        state, history = saved.state, saved.history
+        say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
     update = UpdateStep(svi)
     log_file = None
@@ -285,6 +311,7 @@ def fit(
                     model_config=model_config,
                     train_config=train_config,
                     history=history,
+                    metadata=metadata,
                 )
     finally:
         if log_file is not None:

@@ -31,3 +31,31 @@ def jsb_dataset(jsb_path: pathlib.Path):
     from dmm_jax.data import load_dataset
 
     return load_dataset("jsb_chorales", jsb_path, download=False)
+
+
+@pytest.fixture
+def key():
+    import jax
+
+    return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A small DMM (fast to compile) over 6-dimensional binary observations."""
+    from dmm_jax.config import DMMConfig
+
+    return DMMConfig(obs_dim=6, z_dim=3, emission_dim=8, transition_dim=8, rnn_dim=10)
+
+
+def random_binary_batch(seed: int, batch: int, num_steps: int, obs_dim: int, lengths=None):
+    """x [batch, num_steps, obs_dim] float32 of 0/1 and lengths [batch] int32 (padding zeroed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = (rng.random((batch, num_steps, obs_dim)) < 0.3).astype(np.float32)
+    if lengths is None:
+        lengths = rng.integers(1, num_steps + 1, batch)
+    lengths = np.asarray(lengths, np.int32)
+    x[np.arange(num_steps)[None, :] >= lengths[:, None]] = 0.0
+    return x, lengths

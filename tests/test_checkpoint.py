@@ -1,0 +1,89 @@
+"""Checkpoints: exact round trips, exact resumption, atomic writes, clear errors."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_train import _structured_binary_data
+
+from dmm_jax import checkpoint
+from dmm_jax.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.train import fit, load_run
+
+CFG = TrainConfig(epochs=3, batch_size=5, learning_rate=1e-2, annealing_epochs=2, seed=7)
+
+
+def _trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)
+    )
+
+
+def test_round_trip_restores_identical_state(tiny_config, tmp_path):
+    data = _structured_binary_data(8)
+    result = fit(data, model_config=tiny_config, train_config=CFG, checkpoint_dir=tmp_path,
+                 metadata={"dataset": "toy"})
+    run = load_run(tmp_path)
+    assert _trees_equal(run.state, result.state)  # params, Adam moments, step, keys, epoch
+    assert _trees_equal(run.params, result.params)
+    assert run.model_config == tiny_config and run.train_config == CFG
+    assert run.history == result.history and run.metadata == {"dataset": "toy"}
+    assert int(run.state.epoch) == 3
+
+
+def test_resumed_run_repeats_an_uninterrupted_one(tiny_config, tmp_path):
+    data = _structured_binary_data(11)
+    straight = fit(data, model_config=tiny_config, train_config=CFG)
+    first = fit(data, model_config=tiny_config, train_config=TrainConfig(**{**CFG.__dict__, "epochs": 1}),
+                checkpoint_dir=tmp_path)
+    assert len(first.history) == 1
+    log = tmp_path / "log.jsonl"
+    resumed = fit(data, model_config=tiny_config, train_config=CFG, checkpoint_dir=tmp_path,
+                  resume=True, log_json=log)
+    straight_losses = [r["train_loss_per_step"] for r in straight.history]
+    resumed_losses = [r["train_loss_per_step"] for r in resumed.history]
+    np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-6)
+    assert _trees_equal(resumed.params, straight.params) or all(
+        np.allclose(a, b, rtol=1e-5, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params))
+    )
+    assert len(log.read_text().splitlines()) == 2  # only the epochs run after resuming
+
+
+def test_resume_refuses_a_different_model(tiny_config, tmp_path):
+    data = _structured_binary_data(6)
+    fit(data, model_config=tiny_config, train_config=TrainConfig(epochs=1, batch_size=5),
+        checkpoint_dir=tmp_path)
+    other = DMMConfig(obs_dim=6, z_dim=4, emission_dim=8, transition_dim=8, rnn_dim=10)
+    with pytest.raises(CheckpointError, match="model config"):
+        fit(data, model_config=other, train_config=TrainConfig(epochs=2, batch_size=5),
+            checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = {"w": np.arange(4.0)}
+    kwargs = dict(model_config=DMMConfig(), train_config=TrainConfig(), history=[{"epoch": 0}])
+    save_checkpoint(tmp_path, state, **kwargs)
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, {"w": np.zeros(4)}, **{**kwargs, "history": []})
+    monkeypatch.undo()
+    saved = read_checkpoint(tmp_path)
+    np.testing.assert_array_equal(saved["state"]["w"], np.arange(4.0))
+    assert saved["history"] == [{"epoch": 0}]
+    assert os.listdir(tmp_path) == [checkpoint.CHECKPOINT_FILE]  # no temp file left behind
+
+
+def test_unreadable_or_missing_checkpoints_raise_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        read_checkpoint(tmp_path)
+    (tmp_path / checkpoint.CHECKPOINT_FILE).write_bytes(b"\x85\xa1not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        read_checkpoint(tmp_path)
