@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=t.weight_decay)
     train.add_argument("--annealing-epochs", type=int, default=t.annealing_epochs)
     train.add_argument("--minimum-annealing-factor", type=float, default=t.minimum_annealing_factor)
+    train.add_argument(
+        "--length-bucketing",
+        action="store_true",
+        help="random mini-batches of similar-length sequences (less padding, faster epochs)",
+    )
     train.add_argument("--eval-every", type=int, default=t.eval_every, help="0: only at the end")
     train.add_argument("--eval-samples", type=int, default=t.eval_samples)
     train.add_argument("--z-dim", type=int, default=m.z_dim)
@@ -100,6 +105,7 @@ def _train(args: argparse.Namespace) -> int:
             annealing_epochs=args.annealing_epochs,
             minimum_annealing_factor=args.minimum_annealing_factor,
             seed=args.seed,
+            length_bucketing=args.length_bucketing,
             eval_every=args.eval_every,
             eval_samples=args.eval_samples,
         )

@@ -22,6 +22,9 @@ class DMMConfig:
     transition_dim: int = 200
     rnn_dim: int = 600
     rnn_cell: str = "rnn"
+    # Hand-written backward passes for the two recurrences (same values and gradients as
+    # autodiff, faster); False falls back to autodiff of plain scans.
+    custom_vjp: bool = True
 
     def __post_init__(self):
         for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim"):
@@ -54,6 +57,9 @@ class TrainConfig:
     annealing_epochs: int = 1000
     minimum_annealing_factor: float = 0.2
     seed: int = 0
+    # False: random mini-batches as the reference. True: random mini-batches of sequences of
+    # similar length (dmm_jax.data.batching.length_grouped_batches), far less padding.
+    length_bucketing: bool = False
     eval_every: int = 0  # evaluate validation and test every K epochs (0: only at the end)
     eval_samples: int = 1
     eval_batch_size: int = 64

@@ -125,6 +125,9 @@ class StructuredPosterior(Distribution):
         z_q_0: the guide's start, [Z].
         hidden: encoder states h_{1:T}, [B, T, H].
         mask: [B, T], True for real steps (default: all real).
+        trajectory: optional fast sampler (z_start [B, Z], hidden, noise [B, T, Z]) ->
+            (z, scale), each [B, T, Z], equal to scanning ``combiner`` (e.g.
+            ``Combiner.sample_trajectory``); default: a plain scan of ``combiner``.
 
     ``sample_with_intermediates`` returns the standardized noise and the scales it used, and
     ``log_prob`` scores a draw through them (see ``standardized_normal_log_prob``).
@@ -135,9 +138,15 @@ class StructuredPosterior(Distribution):
     reparametrized_params = []
 
     def __init__(
-        self, combiner: StepFn, z_q_0: Array, hidden: Array, mask: Array | None = None
+        self,
+        combiner: StepFn,
+        z_q_0: Array,
+        hidden: Array,
+        mask: Array | None = None,
+        trajectory: Callable[[Array, Array, Array], tuple[Array, Array]] | None = None,
     ):
         self.combiner = combiner
+        self.trajectory = trajectory
         self.z_q_0 = z_q_0
         self.hidden = hidden
         self.mask = mask
@@ -150,7 +159,11 @@ class StructuredPosterior(Distribution):
         if sample_shape:
             raise NotImplementedError("sample_shape is not supported; vmap over keys instead")
         (batch,), (num_steps, z_dim) = self.batch_shape, self.event_shape
-        noise = step_noise(key, num_steps, (batch, z_dim))
+        noise = _time_major(step_noise(key, num_steps, (batch, z_dim)))
+        z_start = jnp.broadcast_to(self.z_q_0, (batch, z_dim))
+        if self.trajectory is not None:
+            z, scale = self.trajectory(z_start, self.hidden, noise)
+            return z, [noise, scale]
 
         def step(z_prev, inputs):
             h_t, eps_t = inputs
@@ -158,9 +171,10 @@ class StructuredPosterior(Distribution):
             z_t = loc + scale * eps_t
             return z_t, (z_t, scale)
 
-        z_start = jnp.broadcast_to(self.z_q_0, (batch, z_dim))
-        _, (z, scale) = jax.lax.scan(step, z_start, (_time_major(self.hidden), noise))
-        return _time_major(z), [_time_major(noise), _time_major(scale)]
+        _, (z, scale) = jax.lax.scan(
+            step, z_start, (_time_major(self.hidden), _time_major(noise))
+        )
+        return _time_major(z), [noise, _time_major(scale)]
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         return self.sample_with_intermediates(key, sample_shape)[0]

@@ -15,6 +15,8 @@ sequences only; time lives in the event shape, since steps are not independent.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -60,18 +62,20 @@ def guide(x: Array, lengths: Array, annealing_factor: Array | float = 1.0, *, co
     batch, num_steps, _ = x.shape
     encoder = flax_module(
         "encoder",
-        BackwardEncoder(config.rnn_dim, config.rnn_cell),
+        BackwardEncoder(config.rnn_dim, config.rnn_cell, config.custom_vjp),
         jnp.zeros((1, 1, config.obs_dim)),
         jnp.ones((1, 1), dtype=bool),
     )
     combiner = flax_module(
         "combiner",
-        Combiner(config.z_dim, config.rnn_dim),
+        Combiner(config.z_dim, config.rnn_dim, config.custom_vjp),
         jnp.zeros((1, config.z_dim)),
         jnp.zeros((1, config.rnn_dim)),
     )
     z_q_0 = numpyro.param("z_q_0", jnp.zeros(config.z_dim))
     mask = sequence_mask(lengths, num_steps)
     hidden = encoder(x, mask)
+    trajectory = functools.partial(combiner, method="sample_trajectory")
+    posterior = StructuredPosterior(combiner, z_q_0, hidden, mask, trajectory)
     with numpyro.plate("sequences", batch), handlers.scale(scale=annealing_factor):
-        return numpyro.sample("z", StructuredPosterior(combiner, z_q_0, hidden, mask))
+        return numpyro.sample("z", posterior)

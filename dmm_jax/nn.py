@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmm_jax.scans import combiner_scan, relu_rnn_scan
+
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
 
@@ -108,21 +110,56 @@ class BernoulliEmitter(nn.Module):
 class Combiner(nn.Module):
     """Guide step q(z_t | z_{t-1}, x_{t:T}) = N(loc, diag(scale^2)).
 
-        h     = (tanh(W_z z_{t-1} + b_z) + h_rnn_t) / 2
-        loc   = W_loc h + b_loc
-        scale = softplus(W_scale h + b_scale)
+        c     = (tanh(z_{t-1} W_z + b_z) + h_rnn_t) / 2
+        loc   = c W_loc + b_loc
+        scale = softplus(c W_scale + b_scale)
+
+    ``__call__`` computes one step (or all steps at once, given the previous latents);
+    ``sample_trajectory`` draws a whole trajectory, with the hand-written backward pass of
+    ``dmm_jax.scans.combiner_scan`` unless ``custom_vjp`` is False (plain autodiff of a scan).
     """
 
     z_dim: int
     rnn_dim: int
+    custom_vjp: bool = True
 
-    @nn.compact
+    def setup(self):
+        z_init = uniform_init(1.0 / math.sqrt(self.z_dim))
+        h_init = uniform_init(1.0 / math.sqrt(self.rnn_dim))
+        self.w_z = self.param("w_z", z_init, (self.z_dim, self.rnn_dim))
+        self.b_z = self.param("b_z", z_init, (self.rnn_dim,))
+        self.w_loc = self.param("w_loc", h_init, (self.rnn_dim, self.z_dim))
+        self.b_loc = self.param("b_loc", h_init, (self.z_dim,))
+        self.w_scale = self.param("w_scale", h_init, (self.rnn_dim, self.z_dim))
+        self.b_scale = self.param("b_scale", h_init, (self.z_dim,))
+
     def __call__(self, z_prev: Array, h_rnn: Array) -> tuple[Array, Array]:
         """z_prev [..., Z], h_rnn [..., H] -> (loc, scale), each [..., Z]."""
-        h = 0.5 * (jnp.tanh(Linear(self.rnn_dim, name="z_to_hidden")(z_prev)) + h_rnn)
-        loc = Linear(self.z_dim, name="hidden_to_loc")(h)
-        scale = nn.softplus(Linear(self.z_dim, name="hidden_to_scale")(h))
-        return loc, scale
+        c = 0.5 * (jnp.tanh(z_prev @ self.w_z + self.b_z) + h_rnn)
+        return c @ self.w_loc + self.b_loc, nn.softplus(c @ self.w_scale + self.b_scale)
+
+    def sample_trajectory(
+        self, z_start: Array, hidden: Array, noise: Array
+    ) -> tuple[Array, Array]:
+        """z_start [B, Z], hidden [B, T, H], noise [B, T, Z] -> (z, scale), each [B, T, Z].
+
+        z_t = loc(z_{t-1}, h_t) + scale(z_{t-1}, h_t) * noise_t, from z_0 = z_start.
+        """
+        hidden, noise = jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(noise, 0, 1)
+        if self.custom_vjp:
+            w_out = jnp.concatenate([self.w_loc, self.w_scale], axis=1)
+            b_out = jnp.concatenate([self.b_loc, self.b_scale])
+            z, scale = combiner_scan(z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out)
+        else:
+
+            def step(z_prev, inputs):
+                h_t, eps_t = inputs
+                loc, scale = self(z_prev, h_t)
+                z_t = loc + scale * eps_t
+                return z_t, (z_t, scale)
+
+            _, (z, scale) = jax.lax.scan(step, z_start, (hidden, noise))
+        return jnp.swapaxes(z, 0, 1), jnp.swapaxes(scale, 0, 1)
 
 
 class BackwardEncoder(nn.Module):
@@ -132,11 +169,13 @@ class BackwardEncoder(nn.Module):
     L starts from the learnable h_0 at its own last step L-1, and padded steps (t >= L) leave
     the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
-    ("rnn": ReLU Elman, "gru", "lstm").
+    ("rnn": ReLU Elman, "gru", "lstm"). The "rnn" cell uses the hand-written backward pass of
+    ``dmm_jax.scans.relu_rnn_scan`` unless ``custom_vjp`` is False.
     """
 
     rnn_dim: int
     cell: str = "rnn"
+    custom_vjp: bool = True
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
@@ -159,6 +198,9 @@ class BackwardEncoder(nn.Module):
         # Time-major for the scan: [T, B, ...].
         x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
         keep = jnp.swapaxes(mask, 0, 1)[..., None].astype(bool)
+        if self.cell == "rnn" and self.custom_vjp:
+            states = relu_rnn_scan(x_proj[::-1], keep[::-1], carry, w_hh, b_hh)[::-1]
+            return jnp.swapaxes(states, 0, 1)
         step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
 
         def step(carry, inputs):

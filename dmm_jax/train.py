@@ -37,7 +37,7 @@ from dmm_jax.checkpoint import (
     save_checkpoint,
 )
 from dmm_jax.config import DMMConfig, TrainConfig
-from dmm_jax.data.batching import PaddedSequences, shuffled_batches
+from dmm_jax.data.batching import PaddedSequences, length_grouped_batches, shuffled_batches
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.model import guide, model
 
@@ -133,23 +133,34 @@ def init_train_state(svi: SVI, seed: int, obs_dim: int) -> TrainState:
 
 
 class UpdateStep:
-    """``jax.jit(svi.update)`` that counts how often it is traced, i.e. how many shapes compiled.
+    """``jax.jit(svi.update)``, compiled ahead of time once per batch shape.
 
     Call: (svi_state, x [B, T, X], lengths [B], annealing_factor []) -> (svi_state, loss).
-    The incoming state's buffers are donated: it must not be used after the call.
+    Every new shape is lowered and compiled explicitly, so ``compiled_shapes`` and
+    ``compile_seconds`` say exactly what compiled and what it cost; a call with a new
+    annealing factor reuses the executable (it is a float32 array argument). The incoming
+    state's buffers are donated: it must not be used after the call.
     """
 
     def __init__(self, svi: SVI):
-        self.compiled_shapes: list[tuple[int, ...]] = []
+        self._jitted = jax.jit(svi.update, donate_argnums=0)
+        self._executables: dict[tuple[int, ...], Any] = {}
+        self.compile_seconds: dict[tuple[int, ...], float] = {}
 
-        def update(svi_state, x, lengths, annealing):
-            self.compiled_shapes.append(tuple(x.shape))  # runs at trace time only
-            return svi.update(svi_state, x, lengths, annealing)
-
-        self._update = jax.jit(update, donate_argnums=0)
+    @property
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        return list(self._executables)
 
     def __call__(self, svi_state, x, lengths, annealing):
-        return self._update(svi_state, x, lengths, jnp.asarray(annealing, jnp.float32))
+        annealing = jnp.asarray(annealing, jnp.float32)
+        shape = tuple(x.shape)
+        executable = self._executables.get(shape)
+        if executable is None:
+            start = time.perf_counter()
+            executable = self._jitted.lower(svi_state, x, lengths, annealing).compile()
+            self.compile_seconds[shape] = time.perf_counter() - start
+            self._executables[shape] = executable
+        return executable(svi_state, x, lengths, annealing)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -204,7 +215,11 @@ def train_epoch(
     Returns (new state, summed loss, last annealing factor).
     """
     epoch = int(state.epoch)
-    batches = shuffled_batches(jax.random.fold_in(state.data_key, epoch), len(data), config.batch_size)
+    epoch_key = jax.random.fold_in(state.data_key, epoch)
+    if config.length_bucketing:
+        batches = length_grouped_batches(epoch_key, data.lengths, config.batch_size)
+    else:
+        batches = shuffled_batches(epoch_key, len(data), config.batch_size)
     svi_state, losses, factor = state.svi_state, [], 1.0
     for i, indices in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)):
         x, lengths = data.batch(indices, config.batch_size)
@@ -282,6 +297,7 @@ def fit(
                 "seconds": seconds,
                 "annealing_factor": factor,
                 "compiled_shapes": len(update.compiled_shapes),
+                "compile_seconds": sum(update.compile_seconds.values()),
             }
             if not np.isfinite(loss_sum):
                 raise FloatingPointError(f"training loss is {loss_sum} at epoch {epoch}")
@@ -316,7 +332,10 @@ def fit(
     finally:
         if log_file is not None:
             log_file.close()
-    say(f"compiled {len(update.compiled_shapes)} training shapes: {update.compiled_shapes}")
+    say(
+        f"compiled {len(update.compiled_shapes)} training shapes in "
+        f"{sum(update.compile_seconds.values()):.1f} s: {update.compiled_shapes}"
+    )
     return TrainResult(svi.get_params(state.svi_state), state, history, update.compiled_shapes)
 
 

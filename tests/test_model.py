@@ -107,10 +107,8 @@ def test_collapsed_guide_scale_keeps_loss_and_gradients_finite(params, tiny_conf
     """q's scale ~1e-30: (z - loc) / scale would lose eps entirely; the standardized-noise
     form keeps the exact log density and finite gradients."""
     p = jax.tree.map(lambda a: a, params)
-    p["combiner$params"]["hidden_to_scale"]["bias"] = jnp.full((tiny_config.z_dim,), -69.0)
-    p["combiner$params"]["hidden_to_scale"]["kernel"] = jnp.zeros_like(
-        p["combiner$params"]["hidden_to_scale"]["kernel"]
-    )
+    p["combiner$params"]["b_scale"] = jnp.full((tiny_config.z_dim,), -69.0)
+    p["combiner$params"]["w_scale"] = jnp.zeros_like(p["combiner$params"]["w_scale"])
     x, lengths = random_binary_batch(6, 4, 7, tiny_config.obs_dim)
 
     def loss(q):

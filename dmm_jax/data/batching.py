@@ -74,6 +74,28 @@ def shuffled_batches(key: Array, num_sequences: int, batch_size: int) -> list[np
     return [order[i : i + batch_size] for i in range(0, num_sequences, batch_size)]
 
 
+def length_grouped_batches(
+    key: Array, lengths: np.ndarray, batch_size: int, pool_batches: int = 8
+) -> list[np.ndarray]:
+    """Random mini-batches of sequences of similar length (less padding than shuffled_batches).
+
+    The shuffled sequences are cut into pools of ``pool_batches * batch_size``; each pool is
+    sorted by length and cut into batches; the batches of all pools are then shuffled. Which
+    sequences share a batch stays random (pools are drawn anew every epoch), but a batch's
+    lengths are close, so padding to its longest member wastes little.
+    """
+    perm_key, order_key = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(perm_key, len(lengths)))
+    pool = batch_size * pool_batches
+    batches = []
+    for start in range(0, len(order), pool):
+        members = order[start : start + pool]
+        members = members[np.argsort(lengths[members], kind="stable")]
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    batch_order = np.asarray(jax.random.permutation(order_key, len(batches)))
+    return [batches[i] for i in batch_order]
+
+
 def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Deterministic chunks of sequences sorted by length: least padding, for evaluation."""
     order = np.argsort(lengths, kind="stable")

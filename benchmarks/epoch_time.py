@@ -1,0 +1,252 @@
+"""Seconds per JSB epoch: dmm_jax against the PyTorch/Pyro reference, in one run.
+
+Each implementation lives in its own worker process (so its threads, memory peak and compile
+cache are its own); the driver asks the workers for one epoch at a time, alternating between
+them, so that both see the same machine. Every worker trains on the same data with the same
+hyperparameters and seed. Reported: the median seconds per epoch after warm-up, compile time,
+shapes compiled, peak memory, achieved GFLOP/s against a large matmul measured in the same run,
+the training loss after the same number of epochs, and the ratio reference / dmm_jax.
+
+    python benchmarks/epoch_time.py --epochs 7 --out epoch_time.json
+    python benchmarks/epoch_time.py --impls dmm_jax,dmm_jax_bucketed   # without the reference
+
+Needs `pip install -e .[bench]` for the reference (torch 2.13.0 CPU + pyro-ppl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed")
+HERE = Path(__file__).resolve().parent
+
+
+def forward_flops_per_step(obs=88, z=100, emission=100, transition=200, rnn=600) -> int:
+    """Multiply-adds x 2 of one (sequence, time step) through every network, forward."""
+    rnn_flops = obs * rnn + rnn * rnn
+    combiner = z * rnn + 2 * rnn * z
+    trans = 2 * (z * transition + transition * z) + z * z + z * z
+    emitter = z * emission + emission * emission + emission * obs
+    return 2 * (rnn_flops + combiner + trans + emitter)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _jax_worker(args, bucketed: bool):
+    import jax
+
+    from dmm_jax.config import DMMConfig, TrainConfig
+    from dmm_jax.data import load_dataset
+    from dmm_jax.data.batching import PaddedSequences
+    from dmm_jax.train import UpdateStep, build_svi, init_train_state, train_epoch
+
+    data = load_dataset("jsb_chorales", args.data)
+    train = PaddedSequences(data.train.sequences)
+    model_config = DMMConfig()
+    train_config = TrainConfig(seed=args.seed, length_bucketing=bucketed)
+    svi = build_svi(model_config, train_config)
+    state = init_train_state(svi, train_config.seed, model_config.obs_dim)
+    update = UpdateStep(svi)
+    info = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend()}
+
+    def run_epoch():
+        nonlocal state
+        start = time.perf_counter()
+        state, loss, _ = train_epoch(update, state, train, train_config)
+        return {
+            "seconds": time.perf_counter() - start,
+            "train_loss_per_step": loss / train.num_steps,
+            "compiled_shapes": len(update.compiled_shapes),
+            "compile_seconds": sum(update.compile_seconds.values()),
+        }
+
+    return info, run_epoch
+
+
+def _reference_worker(args):
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from pyro_reference import ReferenceTrainer, load_jsb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits, _ = load_jsb(args.data)
+    trainer = ReferenceTrainer(splits["train"], seed=args.seed)
+    info = {"device": "cpu", "platform": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+
+    def run_epoch():
+        record = trainer.run_epoch()
+        return {"seconds": record["seconds"], "train_loss_per_step": record["train_loss_per_step"]}
+
+    return info, run_epoch
+
+
+def worker_main(args) -> None:
+    if args.worker == "pyro_reference":
+        info, run_epoch = _reference_worker(args)
+    else:
+        info, run_epoch = _jax_worker(args, bucketed=args.worker == "dmm_jax_bucketed")
+    print(json.dumps({"ready": True, **info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "epoch":
+            break
+        print(json.dumps({**run_epoch(), "peak_rss_mib": peak_rss_mib()}), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n float32 matmul under jit: the machine's practical ceiling."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+class Worker:
+    def __init__(self, impl: str, args):
+        cmd = [sys.executable, __file__, "--worker", impl, "--seed", str(args.seed)]
+        if args.data:
+            cmd += ["--data", args.data]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        self.impl = impl
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.impl} exited (code {self.proc.wait()})")
+        return json.loads(line)
+
+    def epoch(self) -> dict:
+        self.proc.stdin.write("epoch\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def summarize(impl: str, info: dict, epochs: list[dict], warmup: int, real_steps: int, ceiling: float):
+    steady = [e["seconds"] for e in epochs[warmup:]]
+    median = statistics.median(steady)
+    flops = 3 * forward_flops_per_step() * real_steps  # forward + backward ~ 3x forward
+    row = {
+        "impl": impl,
+        "where": f"{info['device']} ({info['platform']})",
+        "seconds_per_epoch": median,
+        "epochs_timed": len(steady),
+        "first_epoch_seconds": epochs[0]["seconds"],
+        "compile_seconds": epochs[-1].get("compile_seconds"),
+        "compiled_shapes": epochs[-1].get("compiled_shapes"),
+        "peak_rss_mib": epochs[-1]["peak_rss_mib"],
+        "useful_gflops_per_s": flops / median / 1e9,
+        "fraction_of_matmul": flops / median / 1e9 / ceiling,
+        "loss_per_epoch": [e["train_loss_per_step"] for e in epochs],
+    }
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--epochs", type=int, default=7, help="epochs per implementation")
+    parser.add_argument("--warmup", type=int, default=2, help="leading epochs left out of the median")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, help="JSB file or directory (default: $DMM_JAX_DATA_DIR)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return 0
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        parser.error(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+    if args.epochs <= args.warmup:
+        parser.error("--epochs must exceed --warmup")
+
+    from dmm_jax.data import load_dataset
+
+    real_steps = load_dataset("jsb_chorales", args.data).train.num_steps
+    ceiling = matmul_gflops()
+    print(f"large matmul: {ceiling:.0f} GFLOP/s", flush=True)
+    workers = [Worker(impl, args) for impl in impls]
+    epochs = {w.impl: [] for w in workers}
+    try:
+        for epoch in range(args.epochs):
+            for w in workers:
+                record = w.epoch()
+                epochs[w.impl].append(record)
+                print(f"{w.impl:18s} epoch {epoch}: {record['seconds']:.3f} s, "
+                      f"loss {record['train_loss_per_step']:.4f}", flush=True)
+    finally:
+        for w in workers:
+            w.close()
+    rows = [summarize(w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling) for w in workers]
+    reference = next((r for r in rows if r["impl"] == "pyro_reference"), None)
+    for r in rows:
+        r["speedup_vs_reference"] = (reference["seconds_per_epoch"] / r["seconds_per_epoch"]
+                                     if reference else None)
+    print(format_table(rows, args.epochs))
+    if args.out:
+        result = {
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                        "processor": platform.processor() or platform.machine()},
+            "matmul_gflops_per_s": ceiling,
+            "epochs": args.epochs,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "rows": rows,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def format_table(rows: list[dict], epochs: int) -> str:
+    head = (f"| impl | where | s/epoch (median) | compile s | shapes | peak RSS MiB | GFLOP/s (% of matmul) "
+            f"| loss after {epochs} epochs | reference / impl |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        compile_s = "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
+        shapes = "-" if r["compiled_shapes"] is None else str(r["compiled_shapes"])
+        ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"
+        lines.append(
+            f"| {r['impl']} | {r['where']} | {r['seconds_per_epoch']:.3f} | {compile_s} | {shapes} | "
+            f"{r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.1f} ({100 * r['fraction_of_matmul']:.0f}%) | "
+            f"{r['loss_per_epoch'][-1]:.4f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
