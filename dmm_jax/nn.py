@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmm_jax.scans import combiner_scan, relu_rnn_scan
+from dmm_jax.scans import combiner_scan, reverse_relu_rnn_scan
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
@@ -170,7 +170,7 @@ class BackwardEncoder(nn.Module):
     the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
     ("rnn": ReLU Elman, "gru", "lstm"). The "rnn" cell uses the hand-written backward pass of
-    ``dmm_jax.scans.relu_rnn_scan`` unless ``custom_vjp`` is False.
+    ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False.
     """
 
     rnn_dim: int
@@ -199,7 +199,7 @@ class BackwardEncoder(nn.Module):
         x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
         keep = jnp.swapaxes(mask, 0, 1)[..., None].astype(bool)
         if self.cell == "rnn" and self.custom_vjp:
-            states = relu_rnn_scan(x_proj[::-1], keep[::-1], carry, w_hh, b_hh)[::-1]
+            states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh)
             return jnp.swapaxes(states, 0, 1)
         step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
 

@@ -33,8 +33,12 @@ def _outer_sum(a: Array, b: Array) -> Array:
 
 
 @jax.custom_vjp
-def relu_rnn_scan(x_proj: Array, keep: Array, h_start: Array, w_hh: Array, b_hh: Array) -> Array:
-    """h_t = relu(x_proj_t + h_{t-1} W_hh + b_hh) where keep_t, else h_{t-1}.
+def reverse_relu_rnn_scan(
+    x_proj: Array, keep: Array, h_start: Array, w_hh: Array, b_hh: Array
+) -> Array:
+    """A ReLU RNN run backward in time, from t = T-1 down to 0:
+
+        h_t = relu(x_proj_t + h_{t+1} W_hh + b_hh) where keep_t, else h_{t+1};  h_T = h_start.
 
     Args:
         x_proj: input projections [T, B, H] (x_t W_ih + b_ih, computed outside the loop).
@@ -42,7 +46,7 @@ def relu_rnn_scan(x_proj: Array, keep: Array, h_start: Array, w_hh: Array, b_hh:
         h_start: [B, H]. w_hh: [H, H]. b_hh: [H].
 
     Returns:
-        states [T, B, H], the state after each step.
+        states h_t [T, B, H], in time order.
     """
     return _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh)[0]
 
@@ -53,7 +57,7 @@ def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh):
         h = jnp.where(keep_t, jax.nn.relu(xp_t + h @ w_hh + b_hh), h)
         return h, h
 
-    _, states = jax.lax.scan(step, h_start, (x_proj, keep))
+    _, states = jax.lax.scan(step, h_start, (x_proj, keep), reverse=True)
     return states, (states, keep, h_start, w_hh)
 
 
@@ -69,14 +73,14 @@ def _relu_rnn_backward(residuals, g_states):
         dh_prev = jnp.where(keep_t, d_pre @ w_hh_t, dh)
         return dh_prev, d_pre
 
-    dh_start, d_pre = jax.lax.scan(
-        step, jnp.zeros_like(h_start), (g_states, active, keep), reverse=True
-    )
-    dw_hh = _outer_sum(_shift_in(h_start, states), d_pre)
+    dh_start, d_pre = jax.lax.scan(step, jnp.zeros_like(h_start), (g_states, active, keep))
+    # The state each step started from: h_{t+1}, with h_T = h_start.
+    previous = jnp.concatenate([states[1:], h_start[None]], axis=0)
+    dw_hh = _outer_sum(previous, d_pre)
     return d_pre, None, dh_start, dw_hh, jnp.sum(d_pre, axis=(0, 1))
 
 
-relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
+reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
 
 
 # ----------------------------------------------------------------------------- guide chain
@@ -117,42 +121,51 @@ def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out):
         out = (0.5 * (u + h_t)) @ w_out + b_out
         scale = jax.nn.softplus(out[..., z_dim:])
         z = out[..., :z_dim] + scale * eps_t
-        return z, (z, scale, u, out[..., z_dim:])
+        return z, (z, scale, out[..., z_dim:])
 
-    _, (z, scale, u, scale_pre) = jax.lax.scan(step, z_start, (hidden, noise))
-    residuals = (z_start, hidden, noise, w_z, w_out, z, scale, u, scale_pre)
+    _, (z, scale, scale_pre) = jax.lax.scan(step, z_start, (hidden, noise))
+    # u_t is not kept: rebuilt in the backward pass by one batched matmul over all steps, so
+    # long sequences hold one [T, B, H] array fewer between the two passes.
+    residuals = (z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre)
     return (z, scale), residuals
 
 
 def _combiner_backward(residuals, cotangents):
-    z_start, hidden, noise, w_z, w_out, z, scale, u, scale_pre = residuals
+    z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre = residuals
     g_z, g_scale = cotangents
     w_out_t, w_z_t = w_out.T, w_z.T
+    z_prev = _shift_in(z_start, z)
+    u = jnp.tanh(z_prev @ w_z + b_z)
     d_tanh = 1.0 - u**2
     d_softplus = jax.nn.sigmoid(scale_pre)
     # The scale's cotangent from outside the chain does not depend on the carry: hoist it.
     g_scale_pre = g_scale * d_softplus
 
+    def d_output(dz, eps, d_softplus, g_scale_pre):
+        return jnp.concatenate([dz, dz * eps * d_softplus + g_scale_pre], axis=-1)
+
     def step(dz_next, inputs):
         g_z_t, eps_t, d_softplus_t, g_scale_pre_t, d_tanh_t = inputs
         dz = g_z_t + dz_next
-        d_out = jnp.concatenate([dz, dz * eps_t * d_softplus_t + g_scale_pre_t], axis=-1)
-        d_c = d_out @ w_out_t
-        d_a = 0.5 * d_c * d_tanh_t
-        return d_a @ w_z_t, (dz, d_out, d_c, d_a)
+        d_c = d_output(dz, eps_t, d_softplus_t, g_scale_pre_t) @ w_out_t
+        return (0.5 * d_c * d_tanh_t) @ w_z_t, (dz, d_c)
 
-    dz_start, (dz, d_out, d_c, d_a) = jax.lax.scan(
+    # Only the carry's path runs step by step; what else the gradients need is rebuilt
+    # from (dz, d_c) in batched ops, which also keeps fewer [T, B, H] arrays alive.
+    dz_start, (dz, d_c) = jax.lax.scan(
         step,
         jnp.zeros_like(z_start),
         (g_z, noise, d_softplus, g_scale_pre, d_tanh),
         reverse=True,
     )
+    d_out = d_output(dz, noise, d_softplus, g_scale_pre)
+    d_a = 0.5 * d_c * d_tanh
     c = 0.5 * (u + hidden)
     return (
         dz_start,
         0.5 * d_c,  # d hidden
         dz * scale,  # d noise
-        _outer_sum(_shift_in(z_start, z), d_a),
+        _outer_sum(z_prev, d_a),
         jnp.sum(d_a, axis=(0, 1)),
         _outer_sum(c, d_out),
         jnp.sum(d_out, axis=(0, 1)),
