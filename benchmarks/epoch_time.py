@@ -9,6 +9,7 @@ the training loss after the same number of epochs, and the ratio reference / dmm
 
     python benchmarks/epoch_time.py --epochs 7 --out epoch_time.json
     python benchmarks/epoch_time.py --impls dmm_jax,dmm_jax_bucketed   # without the reference
+    python benchmarks/epoch_time.py --table-from epoch_time.json      # the README's table
 
 Needs `pip install -e .[bench]` for the reference (torch 2.13.0 CPU + pyro-ppl).
 """
@@ -183,8 +184,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="JSB file or directory (default: $DMM_JAX_DATA_DIR)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--table-from", default=None, metavar="JSON",
+                        help="print the markdown table of an earlier --out file and exit")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print(format_table(saved["rows"], saved["epochs"]))
+        return 0
     if args.worker:
         worker_main(args)
         return 0
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
             "seed": args.seed,
             "rows": rows,
         }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
