@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(evaluate, None)
     evaluate.add_argument("--split", choices=("train", "valid", "test"), default="test")
     evaluate.add_argument("--samples", type=int, default=1, help="guide draws per sequence")
+    evaluate.add_argument(
+        "--estimator",
+        choices=("elbo", "is"),
+        default="elbo",
+        help="elbo: the bound (as the reference); is: also the importance-sampled NLL",
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=_DEFAULT_TRAIN.eval_batch_size)
     return parser
@@ -145,6 +151,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset.split(args.split).sequences,
         run.model_config,
         num_samples=args.samples,
+        estimator=args.estimator,
         batch_size=args.batch_size,
     )
     result = {

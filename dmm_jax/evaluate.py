@@ -64,10 +64,62 @@ def elbo_per_sequence(
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _batch_elbo_sum(params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig):
-    """Sum over the batch of the ELBO averaged over one draw per key."""
-    elbos = jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config))(keys)
-    return jnp.sum(jnp.mean(elbos, axis=0))
+def _batch_log_weights(params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig):
+    """log p(x, z_s) - log q(z_s | x) for one guide draw z_s per key: [S, B]."""
+    return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config))(keys)
+
+
+class LogWeightStats:
+    """Streaming per-sequence statistics of log importance weights w_s, s = 1..S.
+
+    Keeps sum w and sum w^2 (for the ELBO and its spread) and, relative to a running maximum m,
+    sum exp(w - m) and sum exp(2 (w - m)) (for log mean exp w and its delta-method error), so
+    any number of samples is processed in fixed-size chunks in float64.
+    """
+
+    def __init__(self, num_sequences: int):
+        self.count = 0
+        self.sum = np.zeros(num_sequences)
+        self.sum_sq = np.zeros(num_sequences)
+        self.max = np.full(num_sequences, -np.inf)
+        self.sum_exp = np.zeros(num_sequences)
+        self.sum_exp2 = np.zeros(num_sequences)
+
+    def update(self, log_weights: np.ndarray) -> None:
+        """Adds draws [S_chunk, num_sequences]."""
+        w = np.asarray(log_weights, np.float64)
+        self.count += w.shape[0]
+        self.sum += w.sum(0)
+        self.sum_sq += (w**2).sum(0)
+        new_max = np.maximum(self.max, w.max(0))
+        shift = np.exp(self.max - new_max)
+        self.sum_exp = self.sum_exp * shift + np.exp(w - new_max).sum(0)
+        self.sum_exp2 = self.sum_exp2 * shift**2 + np.exp(2 * (w - new_max)).sum(0)
+        self.max = new_max
+
+    def elbo(self) -> np.ndarray:
+        return self.sum / self.count
+
+    def elbo_variance_of_mean(self) -> np.ndarray:
+        if self.count < 2:
+            return np.full_like(self.sum, np.nan)
+        var = (self.sum_sq - self.count * self.elbo() ** 2) / (self.count - 1)
+        return np.maximum(var, 0.0) / self.count
+
+    def log_mean_exp(self) -> np.ndarray:
+        """The importance-sampled log p(x): log (1/S) sum_s exp(w_s)."""
+        return self.max + np.log(self.sum_exp / self.count)
+
+    def log_mean_exp_variance(self) -> np.ndarray:
+        """Delta method: Var[log mean] ~ Var[exp(w - m)] / (S mean(exp(w - m))^2)."""
+        if self.count < 2:
+            return np.full_like(self.sum, np.nan)
+        mean = self.sum_exp / self.count
+        var = np.maximum(self.sum_exp2 / self.count - mean**2, 0.0) * self.count / (self.count - 1)
+        return var / (self.count * mean**2)
+
+
+ESTIMATORS = ("elbo", "is")
 
 
 def evaluate_split(
@@ -77,26 +129,64 @@ def evaluate_split(
     config: DMMConfig,
     *,
     num_samples: int = 1,
+    estimator: str = "elbo",
     batch_size: int = 64,
-) -> dict[str, float | int]:
-    """-ELBO per time step over a split (sum over sequences / total steps).
+    sample_chunk: int = 16,
+) -> dict[str, float | int | str]:
+    """Negative log-likelihood per time step over a split, by the ELBO or importance sampling.
 
-    Each sequence's ELBO is averaged over ``num_samples`` draws from the guide. Sequences are
-    batched by sorted length and padded to length buckets, so few shapes compile.
+    With S = ``num_samples`` guide draws z_s per sequence and log weights
+    w_s = log p(x, z_s) - log q(z_s | x):
 
-    Returns a dict with ``loss_per_step``, ``num_sequences``, ``num_steps``, ``num_samples``.
+        bound:   -sum_seq mean_s w_s / total steps                      ("elbo", the reference's)
+        IS:      -sum_seq log((1/S) sum_s exp(w_s)) / total steps        ("is", Krishnan et al.)
+
+    The IS estimate is never above the bound computed from the same draws (Jensen) and tends
+    to -log p(x) per step as S grows. Draws are taken ``sample_chunk`` at a time; sequences
+    are batched by sorted length and padded to length buckets, so few shapes compile.
+
+    Returns a dict: ``loss_per_step`` and ``elbo_nll_per_step`` (the bound), its standard
+    error ``elbo_nll_per_step_se``, ``elbo_nll_per_sequence_step`` (the bound normalised per
+    sequence, then averaged), with estimator "is" also ``is_nll_per_step`` and its
+    delta-method standard error ``is_nll_per_step_se``; and the counts.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     data = sequences if isinstance(sequences, PaddedSequences) else PaddedSequences(sequences)
-    total = 0.0
+    chunk = min(sample_chunk, num_samples)
+    per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
     for i, indices in enumerate(sorted_batches(data.lengths, batch_size)):
         x, lengths = data.batch(indices, batch_size)
+        x, lengths = jnp.asarray(x), jnp.asarray(lengths)
         keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
-        total += float(_batch_elbo_sum(params, keys, jnp.asarray(x), jnp.asarray(lengths), config))
+        batch_stats = LogWeightStats(len(indices))
+        for start in range(0, num_samples, chunk):
+            chunk_keys = keys[start : start + chunk]
+            used = len(chunk_keys)
+            if used < chunk:  # keep one compiled shape: pad with repeats, drop them after
+                chunk_keys = jnp.concatenate([chunk_keys, keys[: chunk - used]])
+            w = _batch_log_weights(params, chunk_keys, x, lengths, config)
+            batch_stats.update(np.asarray(w)[:used, : len(indices)])
+        per_sequence["elbo"][indices] = batch_stats.elbo()
+        per_sequence["elbo_var"][indices] = batch_stats.elbo_variance_of_mean()
+        per_sequence["lme"][indices] = batch_stats.log_mean_exp()
+        per_sequence["lme_var"][indices] = batch_stats.log_mean_exp_variance()
+    steps = data.num_steps
+    result: dict[str, float | int | str] = {
+        "estimator": estimator,
+        "elbo_nll_per_step": float(-per_sequence["elbo"].sum() / steps),
+        "elbo_nll_per_step_se": float(np.sqrt(per_sequence["elbo_var"].sum()) / steps),
+        "elbo_nll_per_sequence_step": float(np.mean(-per_sequence["elbo"] / data.lengths)),
+    }
+    if estimator == "is":
+        result["is_nll_per_step"] = float(-per_sequence["lme"].sum() / steps)
+        result["is_nll_per_step_se"] = float(np.sqrt(per_sequence["lme_var"].sum()) / steps)
     return {
-        "loss_per_step": -total / data.num_steps,
+        "loss_per_step": result["elbo_nll_per_step"],
+        **result,
         "num_sequences": len(data),
-        "num_steps": data.num_steps,
+        "num_steps": steps,
         "num_samples": num_samples,
     }

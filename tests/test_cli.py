@@ -29,6 +29,13 @@ def test_train_two_epochs_on_jsb_then_evaluate(jsb_path, tmp_path, capsys):
     # Same parameters, same split; different guide draws than the training run's evaluation.
     assert result["loss_per_step"] == pytest.approx(records[1]["test_loss_per_step"], rel=0.05)
 
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(jsb_path), "--split", "valid",
+            "--estimator", "is", "--samples", "3"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "valid" and result["num_samples"] == 3
+    assert result["is_nll_per_step"] <= result["elbo_nll_per_step"]
+
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "nowhere"
