@@ -88,7 +88,10 @@ def _reference_worker(args):
         torch.set_num_threads(args.threads)
     splits, _ = load_jsb(args.data)
     trainer = ReferenceTrainer(splits["train"], seed=args.seed)
-    info = {"device": "cpu", "platform": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    info = {
+        "device": "cpu",
+        "platform": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    }
 
     def run_epoch():
         record = trainer.run_epoch()
@@ -115,7 +118,6 @@ def worker_main(args) -> None:
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     """GFLOP/s of an n x n float32 matmul under jit: the machine's practical ceiling."""
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
     f = jax.jit(lambda a: a @ a)
@@ -155,7 +157,9 @@ class Worker:
         self.proc.wait()
 
 
-def summarize(impl: str, info: dict, epochs: list[dict], warmup: int, real_steps: int, ceiling: float):
+def summarize(
+    impl: str, info: dict, epochs: list[dict], warmup: int, real_steps: int, ceiling: float
+):
     steady = [e["seconds"] for e in epochs[warmup:]]
     median = statistics.median(steady)
     flops = 3 * forward_flops_per_step() * real_steps  # forward + backward ~ 3x forward
@@ -176,16 +180,28 @@ def summarize(impl: str, info: dict, epochs: list[dict], warmup: int, real_steps
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}"
+    )
     parser.add_argument("--epochs", type=int, default=7, help="epochs per implementation")
-    parser.add_argument("--warmup", type=int, default=2, help="leading epochs left out of the median")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="leading epochs left out of the median"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=None, help="JSB file or directory (default: $DMM_JAX_DATA_DIR)")
+    parser.add_argument(
+        "--data", default=None, help="JSB file or directory (default: $DMM_JAX_DATA_DIR)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
-    parser.add_argument("--table-from", default=None, metavar="JSON",
-                        help="print the markdown table of an earlier --out file and exit")
+    parser.add_argument(
+        "--table-from",
+        default=None,
+        metavar="JSON",
+        help="print the markdown table of an earlier --out file and exit",
+    )
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.table_from:
@@ -214,21 +230,30 @@ def main(argv=None) -> int:
             for w in workers:
                 record = w.epoch()
                 epochs[w.impl].append(record)
-                print(f"{w.impl:18s} epoch {epoch}: {record['seconds']:.3f} s, "
-                      f"loss {record['train_loss_per_step']:.4f}", flush=True)
+                print(
+                    f"{w.impl:18s} epoch {epoch}: {record['seconds']:.3f} s, "
+                    f"loss {record['train_loss_per_step']:.4f}",
+                    flush=True,
+                )
     finally:
         for w in workers:
             w.close()
-    rows = [summarize(w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling) for w in workers]
+    rows = [
+        summarize(w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling) for w in workers
+    ]
     reference = next((r for r in rows if r["impl"] == "pyro_reference"), None)
     for r in rows:
-        r["speedup_vs_reference"] = (reference["seconds_per_epoch"] / r["seconds_per_epoch"]
-                                     if reference else None)
+        r["speedup_vs_reference"] = (
+            reference["seconds_per_epoch"] / r["seconds_per_epoch"] if reference else None
+        )
     print(format_table(rows, args.epochs))
     if args.out:
         result = {
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "processor": platform.processor() or platform.machine()},
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+            },
             "matmul_gflops_per_s": ceiling,
             "epochs": args.epochs,
             "warmup": args.warmup,
@@ -241,8 +266,10 @@ def main(argv=None) -> int:
 
 
 def format_table(rows: list[dict], epochs: int) -> str:
-    head = (f"| impl | where | s/epoch (median) | compile s | shapes | peak RSS MiB | GFLOP/s (% of matmul) "
-            f"| loss after {epochs} epochs | reference / impl |")
+    head = (
+        f"| impl | where | s/epoch (median) | compile s | shapes | peak RSS MiB | GFLOP/s (% of matmul) "
+        f"| loss after {epochs} epochs | reference / impl |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         compile_s = "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"

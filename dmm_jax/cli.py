@@ -143,7 +143,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.checkpoint)
     name = args.dataset or run.metadata.get("dataset")
     if name is None:
-        raise SystemExit("dmm-jax evaluate: the checkpoint does not name its dataset; pass --dataset")
+        raise SystemExit(
+            "dmm-jax evaluate: the checkpoint does not name its dataset; pass --dataset"
+        )
     dataset = load_dataset(name, args.data)
     result = evaluate_split(
         run.params,

@@ -32,7 +32,9 @@ class DMMConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DMMConfig.{field} must be a positive int, got {value!r}")
         if self.rnn_cell not in RNN_CELLS:
-            raise ValueError(f"DMMConfig.rnn_cell must be one of {RNN_CELLS}, got {self.rnn_cell!r}")
+            raise ValueError(
+                f"DMMConfig.rnn_cell must be one of {RNN_CELLS}, got {self.rnn_cell!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,9 @@ class TrainConfig:
         positive = ("epochs", "batch_size", "learning_rate", "eval_samples", "eval_batch_size")
         for field in positive:
             if getattr(self, field) <= 0:
-                raise ValueError(f"TrainConfig.{field} must be positive, got {getattr(self, field)!r}")
+                raise ValueError(
+                    f"TrainConfig.{field} must be positive, got {getattr(self, field)!r}"
+                )
         for field in ("annealing_epochs", "eval_every", "clip_norm", "weight_decay"):
             if getattr(self, field) < 0:
                 raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -78,9 +79,9 @@ class MarkovGaussianChain(Distribution):
         mask: [B, T], True for real steps (default: all real).
     """
 
-    arg_constraints = {}
+    arg_constraints: ClassVar[dict] = {}
     support = constraints.real_vector
-    reparametrized_params = []
+    reparametrized_params: ClassVar[list] = []
 
     def __init__(
         self,
@@ -133,9 +134,9 @@ class StructuredPosterior(Distribution):
     ``log_prob`` scores a draw through them (see ``standardized_normal_log_prob``).
     """
 
-    arg_constraints = {}
+    arg_constraints: ClassVar[dict] = {}
     support = constraints.real_vector
-    reparametrized_params = []
+    reparametrized_params: ClassVar[list] = []
 
     def __init__(
         self,
@@ -171,9 +172,7 @@ class StructuredPosterior(Distribution):
             z_t = loc + scale * eps_t
             return z_t, (z_t, scale)
 
-        _, (z, scale) = jax.lax.scan(
-            step, z_start, (_time_major(self.hidden), _time_major(noise))
-        )
+        _, (z, scale) = jax.lax.scan(step, z_start, (_time_major(self.hidden), _time_major(noise)))
         return _time_major(z), [noise, _time_major(scale)]
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:

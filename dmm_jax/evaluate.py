@@ -56,10 +56,14 @@ def elbo_per_sequence(
     elbo = jnp.zeros(x.shape[0])
     for site in model_trace.values():
         if site["type"] == "sample":
-            elbo = elbo + (site["scale"] if site["scale"] is not None else 1.0) * _site_log_prob(site)
+            elbo = elbo + (site["scale"] if site["scale"] is not None else 1.0) * _site_log_prob(
+                site
+            )
     for site in guide_trace.values():
         if site["type"] == "sample":
-            elbo = elbo - (site["scale"] if site["scale"] is not None else 1.0) * _site_log_prob(site)
+            elbo = elbo - (site["scale"] if site["scale"] is not None else 1.0) * _site_log_prob(
+                site
+            )
     return elbo
 
 

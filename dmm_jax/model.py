@@ -45,7 +45,9 @@ def model(x: Array, lengths: Array, annealing_factor: Array | float = 1.0, *, co
         input_shape=(1, config.z_dim),
     )
     emitter = flax_module(
-        "emitter", BernoulliEmitter(config.obs_dim, config.emission_dim), input_shape=(1, config.z_dim)
+        "emitter",
+        BernoulliEmitter(config.obs_dim, config.emission_dim),
+        input_shape=(1, config.z_dim),
     )
     z_0 = numpyro.param("z_0", jnp.zeros(config.z_dim))
     mask = sequence_mask(lengths, num_steps)

@@ -138,9 +138,7 @@ class Combiner(nn.Module):
         c = 0.5 * (jnp.tanh(z_prev @ self.w_z + self.b_z) + h_rnn)
         return c @ self.w_loc + self.b_loc, nn.softplus(c @ self.w_scale + self.b_scale)
 
-    def sample_trajectory(
-        self, z_start: Array, hidden: Array, noise: Array
-    ) -> tuple[Array, Array]:
+    def sample_trajectory(self, z_start: Array, hidden: Array, noise: Array) -> tuple[Array, Array]:
         """z_start [B, Z], hidden [B, T, H], noise [B, T, Z] -> (z, scale), each [B, T, Z].
 
         z_t = loc(z_{t-1}, h_t) + scale(z_{t-1}, h_t) * noise_t, from z_0 = z_start.

@@ -12,6 +12,7 @@ SVI state carries its own key, so a run resumed from a checkpoint repeats an uni
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -87,7 +88,9 @@ def clipped_adam(config: TrainConfig) -> optax.GradientTransformation:
         optax.add_decayed_weights(config.weight_decay),
         scale_by_pyro_adam(config.beta1, config.beta2, config.adam_eps),
         optax.scale_by_learning_rate(
-            optax.exponential_decay(config.learning_rate, transition_steps=1, decay_rate=config.lr_decay)
+            optax.exponential_decay(
+                config.learning_rate, transition_steps=1, decay_rate=config.lr_decay
+            )
         ),
     )
 
@@ -221,7 +224,9 @@ def train_epoch(
     else:
         batches = shuffled_batches(epoch_key, len(data), config.batch_size)
     svi_state, losses, factor = state.svi_state, [], 1.0
-    for i, indices in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)):
+    for i, indices in enumerate(
+        tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    ):
         x, lengths = data.batch(indices, config.batch_size)
         factor = annealing_factor(epoch, i, len(batches), config)
         svi_state, loss = update(svi_state, x, lengths, factor)
@@ -235,8 +240,8 @@ def fit(
     valid: Any = None,
     test: Any = None,
     *,
-    model_config: DMMConfig = DMMConfig(),
-    train_config: TrainConfig = TrainConfig(),
+    model_config: DMMConfig | None = None,
+    train_config: TrainConfig | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     log_json: str | os.PathLike | None = None,
@@ -249,6 +254,7 @@ def fit(
     Args:
         train, valid, test: splits, each a sequence of [length, X] 0/1 arrays (or an object
             with ``.sequences``, such as ``dmm_jax.data.SequenceSplit``); valid/test optional.
+        model_config, train_config: default to the reference's settings.
         checkpoint_dir: where to write an atomic checkpoint after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         log_json: file receiving one JSON object per epoch (appended to when resuming).
@@ -259,6 +265,8 @@ def fit(
     Returns:
         TrainResult with the final parameters, state, per-epoch history and compiled shapes.
     """
+    model_config = model_config or DMMConfig()
+    train_config = train_config or TrainConfig()
     say = log or (lambda line: None)
     train_data = PaddedSequences(_sequences(train))
     eval_sets = {
@@ -281,29 +289,29 @@ def fit(
         say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
     update = UpdateStep(svi)
-    log_file = None
-    if log_json is not None:
-        Path(log_json).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_json, "a" if resume and history else "w")
-    try:
+    with contextlib.ExitStack() as stack:
+        log_file = None
+        if log_json is not None:
+            Path(log_json).parent.mkdir(parents=True, exist_ok=True)
+            log_file = stack.enter_context(open(log_json, "a" if resume and history else "w"))
         while int(state.epoch) < train_config.epochs:
             epoch = int(state.epoch)
             start = time.perf_counter()
-            state, loss_sum, factor = train_epoch(update, state, train_data, train_config, progress=progress)
-            seconds = time.perf_counter() - start
+            state, loss_sum, factor = train_epoch(
+                update, state, train_data, train_config, progress=progress
+            )
+            if not np.isfinite(loss_sum):
+                raise FloatingPointError(f"training loss is {loss_sum} at epoch {epoch}")
             record = {
                 "epoch": epoch,
                 "train_loss_per_step": loss_sum / train_data.num_steps,
-                "seconds": seconds,
+                "seconds": time.perf_counter() - start,
                 "annealing_factor": factor,
                 "compiled_shapes": len(update.compiled_shapes),
                 "compile_seconds": sum(update.compile_seconds.values()),
             }
-            if not np.isfinite(loss_sum):
-                raise FloatingPointError(f"training loss is {loss_sum} at epoch {epoch}")
-            last = epoch + 1 == train_config.epochs
             every = train_config.eval_every
-            if eval_sets and (last or (every and (epoch + 1) % every == 0)):
+            if epoch + 1 == train_config.epochs or (every and (epoch + 1) % every == 0):
                 params = svi.get_params(state.svi_state)
                 for name, data in eval_sets.items():
                     result = evaluate_split(
@@ -329,9 +337,6 @@ def fit(
                     history=history,
                     metadata=metadata,
                 )
-    finally:
-        if log_file is not None:
-            log_file.close()
     say(
         f"compiled {len(update.compiled_shapes)} training shapes in "
         f"{sum(update.compile_seconds.values()):.1f} s: {update.compiled_shapes}"

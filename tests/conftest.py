@@ -59,3 +59,17 @@ def random_binary_batch(seed: int, batch: int, num_steps: int, obs_dim: int, len
     lengths = np.asarray(lengths, np.int32)
     x[np.arange(num_steps)[None, :] >= lengths[:, None]] = 0.0
     return x, lengths
+
+
+def init_params(config, seed: int = 0):
+    """Parameters of the model and guide for ``config``, initialised as the SVI would."""
+    from numpyro import handlers
+
+    from dmm_jax.model import guide, model
+
+    x, lengths = random_binary_batch(seed, 2, 3, config.obs_dim)
+    params = {}
+    for i, fn in enumerate((model, guide)):
+        tr = handlers.trace(handlers.seed(fn, seed + i)).get_trace(x, lengths, config=config)
+        params.update({n: site["value"] for n, site in tr.items() if site["type"] == "param"})
+    return params

@@ -24,8 +24,13 @@ def _trees_equal(a, b):
 
 def test_round_trip_restores_identical_state(tiny_config, tmp_path):
     data = _structured_binary_data(8)
-    result = fit(data, model_config=tiny_config, train_config=CFG, checkpoint_dir=tmp_path,
-                 metadata={"dataset": "toy"})
+    result = fit(
+        data,
+        model_config=tiny_config,
+        train_config=CFG,
+        checkpoint_dir=tmp_path,
+        metadata={"dataset": "toy"},
+    )
     run = load_run(tmp_path)
     assert _trees_equal(run.state, result.state)  # params, Adam moments, step, keys, epoch
     assert _trees_equal(run.params, result.params)
@@ -37,12 +42,22 @@ def test_round_trip_restores_identical_state(tiny_config, tmp_path):
 def test_resumed_run_repeats_an_uninterrupted_one(tiny_config, tmp_path):
     data = _structured_binary_data(11)
     straight = fit(data, model_config=tiny_config, train_config=CFG)
-    first = fit(data, model_config=tiny_config, train_config=TrainConfig(**{**CFG.__dict__, "epochs": 1}),
-                checkpoint_dir=tmp_path)
+    first = fit(
+        data,
+        model_config=tiny_config,
+        train_config=TrainConfig(**{**CFG.__dict__, "epochs": 1}),
+        checkpoint_dir=tmp_path,
+    )
     assert len(first.history) == 1
     log = tmp_path / "log.jsonl"
-    resumed = fit(data, model_config=tiny_config, train_config=CFG, checkpoint_dir=tmp_path,
-                  resume=True, log_json=log)
+    resumed = fit(
+        data,
+        model_config=tiny_config,
+        train_config=CFG,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        log_json=log,
+    )
     straight_losses = [r["train_loss_per_step"] for r in straight.history]
     resumed_losses = [r["train_loss_per_step"] for r in resumed.history]
     np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-6)
@@ -55,17 +70,26 @@ def test_resumed_run_repeats_an_uninterrupted_one(tiny_config, tmp_path):
 
 def test_resume_refuses_a_different_model(tiny_config, tmp_path):
     data = _structured_binary_data(6)
-    fit(data, model_config=tiny_config, train_config=TrainConfig(epochs=1, batch_size=5),
-        checkpoint_dir=tmp_path)
+    fit(
+        data,
+        model_config=tiny_config,
+        train_config=TrainConfig(epochs=1, batch_size=5),
+        checkpoint_dir=tmp_path,
+    )
     other = DMMConfig(obs_dim=6, z_dim=4, emission_dim=8, transition_dim=8, rnn_dim=10)
     with pytest.raises(CheckpointError, match="model config"):
-        fit(data, model_config=other, train_config=TrainConfig(epochs=2, batch_size=5),
-            checkpoint_dir=tmp_path, resume=True)
+        fit(
+            data,
+            model_config=other,
+            train_config=TrainConfig(epochs=2, batch_size=5),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
 
 
 def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     state = {"w": np.arange(4.0)}
-    kwargs = dict(model_config=DMMConfig(), train_config=TrainConfig(), history=[{"epoch": 0}])
+    kwargs = {"model_config": DMMConfig(), "train_config": TrainConfig(), "history": [{"epoch": 0}]}
     save_checkpoint(tmp_path, state, **kwargs)
 
     def crash(src, dst):

@@ -9,8 +9,22 @@ from dmm_jax.cli import main
 
 def test_train_two_epochs_on_jsb_then_evaluate(jsb_path, tmp_path, capsys):
     log, ckpt = tmp_path / "log.jsonl", tmp_path / "ckpt"
-    code = main(["train", "--dataset", "jsb", "--data", str(jsb_path), "--epochs", "2",
-                 "--checkpoint-dir", str(ckpt), "--log-json", str(log), "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "jsb",
+            "--data",
+            str(jsb_path),
+            "--epochs",
+            "2",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--log-json",
+            str(log),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
@@ -29,8 +43,19 @@ def test_train_two_epochs_on_jsb_then_evaluate(jsb_path, tmp_path, capsys):
     # Same parameters, same split; different guide draws than the training run's evaluation.
     assert result["loss_per_step"] == pytest.approx(records[1]["test_loss_per_step"], rel=0.05)
 
-    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(jsb_path), "--split", "valid",
-            "--estimator", "is", "--samples", "3"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(jsb_path),
+        "--split",
+        "valid",
+        "--estimator",
+        "is",
+        "--samples",
+        "3",
+    ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["split"] == "valid" and result["num_samples"] == 3

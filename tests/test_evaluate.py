@@ -2,26 +2,18 @@
 streaming statistics."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_binary_batch
-from numpyro import handlers
+from conftest import init_params, random_binary_batch
 from scipy import stats
 from scipy.special import logsumexp
 
 from dmm_jax.evaluate import LogWeightStats, evaluate_split
-from dmm_jax.model import guide, model
 
 
 @pytest.fixture(scope="module")
 def trained_like_params(tiny_config):
-    x, lengths = random_binary_batch(0, 2, 3, tiny_config.obs_dim)
-    p = {}
-    for i, fn in enumerate((model, guide)):
-        tr = handlers.trace(handlers.seed(fn, i)).get_trace(x, lengths, config=tiny_config)
-        p.update({n: s["value"] for n, s in tr.items() if s["type"] == "param"})
-    return p
+    return init_params(tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -49,35 +41,66 @@ def test_log_mean_exp_is_exact_when_weights_are_constant():
     p(x, z) / q(z | x) equals p(x) = N(x; 0, 2), so the estimate is exact at any S."""
     x = 0.7
     z = np.random.default_rng(1).normal(x / 2, np.sqrt(0.5), size=(25, 1))
-    w = stats.norm.logpdf(z) + stats.norm.logpdf(x, z, 1) - stats.norm.logpdf(z, x / 2, np.sqrt(0.5))
+    w = (
+        stats.norm.logpdf(z)
+        + stats.norm.logpdf(x, z, 1)
+        - stats.norm.logpdf(z, x / 2, np.sqrt(0.5))
+    )
     s = LogWeightStats(1)
     s.update(w)
     np.testing.assert_allclose(s.log_mean_exp(), stats.norm.logpdf(x, 0, np.sqrt(2)), atol=1e-10)
     np.testing.assert_allclose(s.log_mean_exp_variance(), 0.0, atol=1e-12)
 
 
-def test_importance_sampled_estimate_never_exceeds_the_bound(trained_like_params, sequences,
-                                                              tiny_config, key):
-    r = evaluate_split(trained_like_params, key, sequences, tiny_config, num_samples=20,
-                       estimator="is", batch_size=4, sample_chunk=8)
+def test_importance_sampled_estimate_never_exceeds_the_bound(
+    trained_like_params, sequences, tiny_config, key
+):
+    r = evaluate_split(
+        trained_like_params,
+        key,
+        sequences,
+        tiny_config,
+        num_samples=20,
+        estimator="is",
+        batch_size=4,
+        sample_chunk=8,
+    )
     assert r["is_nll_per_step"] <= r["elbo_nll_per_step"]
     assert r["loss_per_step"] == r["elbo_nll_per_step"]
     assert r["num_steps"] == 31 and r["num_sequences"] == 5 and r["num_samples"] == 20
     assert r["elbo_nll_per_step_se"] > 0 and r["is_nll_per_step_se"] > 0
     # Same draws whatever the chunking: chunking is a memory knob, not a different estimate.
-    r2 = evaluate_split(trained_like_params, key, sequences, tiny_config, num_samples=20,
-                        estimator="is", batch_size=4, sample_chunk=20)
+    r2 = evaluate_split(
+        trained_like_params,
+        key,
+        sequences,
+        tiny_config,
+        num_samples=20,
+        estimator="is",
+        batch_size=4,
+        sample_chunk=20,
+    )
     assert r2["is_nll_per_step"] == pytest.approx(r["is_nll_per_step"], rel=1e-5)
 
 
-def test_importance_sampled_estimate_falls_as_samples_grow(trained_like_params, sequences,
-                                                           tiny_config):
+def test_importance_sampled_estimate_falls_as_samples_grow(
+    trained_like_params, sequences, tiny_config
+):
     def mean_is(num_samples):
-        return np.mean([
-            evaluate_split(trained_like_params, jax.random.PRNGKey(seed), sequences, tiny_config,
-                           num_samples=num_samples, estimator="is", sample_chunk=16)["is_nll_per_step"]
-            for seed in range(6)
-        ])
+        return np.mean(
+            [
+                evaluate_split(
+                    trained_like_params,
+                    jax.random.PRNGKey(seed),
+                    sequences,
+                    tiny_config,
+                    num_samples=num_samples,
+                    estimator="is",
+                    sample_chunk=16,
+                )["is_nll_per_step"]
+                for seed in range(6)
+            ]
+        )
 
     s1, s8, s64 = mean_is(1), mean_is(8), mean_is(64)
     assert s1 > s8 > s64

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_binary_batch
+from conftest import init_params, random_binary_batch
 from numpyro import handlers
 from numpyro.infer import Trace_ELBO
 from scipy import stats
@@ -22,11 +22,7 @@ RTOL = 1e-5
 @pytest.fixture
 def params(tiny_config):
     """Parameters of model and guide as the SVI would initialise them."""
-    x, lengths = random_binary_batch(0, 2, 3, tiny_config.obs_dim)
-    p = {}
-    for i, fn in enumerate((model, guide)):
-        tr = handlers.trace(handlers.seed(fn, i)).get_trace(x, lengths, config=tiny_config)
-        p.update({name: site["value"] for name, site in tr.items() if site["type"] == "param"})
+    p = init_params(tiny_config)
     # Non-trivial starts, so the tests see where z_0 and z_q_0 enter.
     p["z_0"] = jnp.linspace(-1.0, 1.0, tiny_config.z_dim)
     p["z_q_0"] = jnp.linspace(0.5, -0.5, tiny_config.z_dim)
@@ -37,7 +33,9 @@ def _log_joint(params, x, lengths, z, config):
     """log p(x, z) per sequence from the model's (batched) trace."""
     conditioned = handlers.condition(handlers.substitute(model, data=params), data={"z": z})
     tr = handlers.trace(conditioned).get_trace(x, lengths, config=config)
-    return sum(site["fn"].log_prob(site["value"]) for site in tr.values() if site["type"] == "sample")
+    return sum(
+        site["fn"].log_prob(site["value"]) for site in tr.values() if site["type"] == "sample"
+    )
 
 
 def test_log_joint_equals_python_loop_over_time(params, tiny_config):
@@ -47,7 +45,8 @@ def test_log_joint_equals_python_loop_over_time(params, tiny_config):
     got = np.asarray(_log_joint(params, x, lengths, z, cfg))
 
     trans = functools.partial(
-        GatedTransition(cfg.z_dim, cfg.transition_dim).apply, {"params": params["transition$params"]}
+        GatedTransition(cfg.z_dim, cfg.transition_dim).apply,
+        {"params": params["transition$params"]},
     )
     emit = functools.partial(
         BernoulliEmitter(cfg.obs_dim, cfg.emission_dim).apply, {"params": params["emitter$params"]}
@@ -123,7 +122,11 @@ def test_collapsed_guide_scale_keeps_loss_and_gradients_finite(params, tiny_conf
     eps, scale = site["intermediates"]
     mask = np.arange(7)[None] < lengths[:, None]
     assert float(scale[mask].max()) < 1e-29
-    exact = np.where(mask, stats.norm.logpdf(np.asarray(eps)).sum(-1)
-                     - np.log(np.asarray(scale, np.float64)).sum(-1), 0.0).sum(-1)
-    np.testing.assert_allclose(site["fn"].log_prob(site["value"], site["intermediates"]), exact,
-                               rtol=RTOL)
+    exact = np.where(
+        mask,
+        stats.norm.logpdf(np.asarray(eps)).sum(-1) - np.log(np.asarray(scale, np.float64)).sum(-1),
+        0.0,
+    ).sum(-1)
+    np.testing.assert_allclose(
+        site["fn"].log_prob(site["value"], site["intermediates"]), exact, rtol=RTOL
+    )

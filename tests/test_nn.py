@@ -59,7 +59,7 @@ def test_unknown_cell_is_rejected(key):
 def _loop_encoder(params, x, lengths, cell):
     """Each sequence reversed within its length, run forward from h_0, outputs re-reversed."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    sig = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    sig = lambda a: 1 / (1 + np.exp(-a))
     out = np.zeros(x.shape[:2] + (p["w_hh"].shape[0],))
     for b, length in enumerate(lengths):
         h, c = p["h_0"].copy(), p.get("c_0")

@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_binary_batch
+from conftest import init_params, random_binary_batch
 
 from dmm_jax.evaluate import elbo_per_sequence
-from dmm_jax.model import guide, model
 from dmm_jax.nn import BackwardEncoder, Combiner
-from numpyro import handlers
 
 RTOL = 1e-5
 
@@ -36,7 +34,8 @@ def test_relu_rnn_backward_matches_autodiff(key):
 
     np.testing.assert_allclose(fast.apply(params, x, mask), plain.apply(params, x, mask), rtol=RTOL)
     _assert_trees_close(
-        jax.grad(loss(fast), argnums=(0, 1))(params, x), jax.grad(loss(plain), argnums=(0, 1))(params, x)
+        jax.grad(loss(fast), argnums=(0, 1))(params, x),
+        jax.grad(loss(plain), argnums=(0, 1))(params, x),
     )
 
 
@@ -71,14 +70,12 @@ def test_whole_elbo_and_gradients_match_plain_autodiff(tiny_config, key, cell):
     fast_cfg = dataclasses.replace(tiny_config, rnn_cell=cell, custom_vjp=True)
     plain_cfg = dataclasses.replace(fast_cfg, custom_vjp=False)
     x, lengths = random_binary_batch(7, 4, 10, tiny_config.obs_dim, lengths=[10, 6, 1, 9])
-    params = {}
-    for i, fn in enumerate((model, guide)):
-        tr = handlers.trace(handlers.seed(fn, i)).get_trace(x, lengths, config=fast_cfg)
-        params.update({n: s["value"] for n, s in tr.items() if s["type"] == "param"})
+    params = init_params(fast_cfg)
 
     def loss(cfg):
-        return jax.jit(jax.value_and_grad(
-            lambda p: -jnp.sum(elbo_per_sequence(p, key, x, lengths, cfg, 0.4))))
+        return jax.jit(
+            jax.value_and_grad(lambda p: -jnp.sum(elbo_per_sequence(p, key, x, lengths, cfg, 0.4)))
+        )
 
     fast_value, fast_grads = loss(fast_cfg)(params)
     plain_value, plain_grads = loss(plain_cfg)(params)

@@ -20,8 +20,15 @@ from dmm_jax.train import (
 
 
 def test_clipped_adam_matches_a_hand_computed_pyro_step():
-    cfg = TrainConfig(learning_rate=0.1, beta1=0.9, beta2=0.99, adam_eps=1e-3, clip_norm=1.5,
-                      weight_decay=0.5, lr_decay=0.8)
+    cfg = TrainConfig(
+        learning_rate=0.1,
+        beta1=0.9,
+        beta2=0.99,
+        adam_eps=1e-3,
+        clip_norm=1.5,
+        weight_decay=0.5,
+        lr_decay=0.8,
+    )
     params = {"a": jnp.array([1.0, -2.0, 3.0]), "b": {"c": jnp.array([[0.5]])}}
     grads = [
         {"a": jnp.array([4.0, -0.5, 0.1]), "b": {"c": jnp.array([[-7.0]])}},
@@ -38,7 +45,10 @@ def test_clipped_adam_matches_a_hand_computed_pyro_step():
     def pyro_steps(p, gs):
         p, m, v, lr = np.array(p, np.float64), 0.0, 0.0, cfg.learning_rate
         for step, g in enumerate(gs, start=1):
-            g = np.clip(np.array(g, np.float64), -cfg.clip_norm, cfg.clip_norm) + cfg.weight_decay * p
+            g = (
+                np.clip(np.array(g, np.float64), -cfg.clip_norm, cfg.clip_norm)
+                + cfg.weight_decay * p
+            )
             m = cfg.beta1 * m + (1 - cfg.beta1) * g
             v = cfg.beta2 * v + (1 - cfg.beta2) * g * g
             step_size = lr * np.sqrt(1 - cfg.beta2**step) / (1 - cfg.beta1**step)
@@ -46,7 +56,9 @@ def test_clipped_adam_matches_a_hand_computed_pyro_step():
             lr *= cfg.lr_decay
         return p
 
-    np.testing.assert_allclose(got["a"], pyro_steps(params["a"], [g["a"] for g in grads]), rtol=1e-6)
+    np.testing.assert_allclose(
+        got["a"], pyro_steps(params["a"], [g["a"] for g in grads]), rtol=1e-6
+    )
     np.testing.assert_allclose(
         got["b"]["c"], pyro_steps(params["b"]["c"], [g["b"]["c"] for g in grads]), rtol=1e-6
     )
@@ -99,13 +111,16 @@ def test_jitted_update_lowers_the_loss_and_annealing_never_recompiles(tiny_confi
 def test_fit_lowers_the_loss_and_evaluates_at_the_end(tiny_config):
     train = _structured_binary_data()
     valid = _structured_binary_data(6, seed=1)
-    cfg = TrainConfig(epochs=25, batch_size=5, learning_rate=1e-2, annealing_epochs=5,
-                      weight_decay=0.0)
+    cfg = TrainConfig(
+        epochs=25, batch_size=5, learning_rate=1e-2, annealing_epochs=5, weight_decay=0.0
+    )
     result = fit(train, valid, model_config=tiny_config, train_config=cfg)
     losses = [r["train_loss_per_step"] for r in result.history]
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.7 * losses[0]
-    assert "val_loss_per_step" in result.history[-1] and np.isfinite(result.history[-1]["val_loss_per_step"])
+    assert "val_loss_per_step" in result.history[-1] and np.isfinite(
+        result.history[-1]["val_loss_per_step"]
+    )
     assert "val_loss_per_step" not in result.history[0]  # eval_every=0: only at the end
     # 16 sequences of <= 12 steps in batches of 5 padded to one bucket: one shape.
     assert result.compiled_shapes == [(5, 16, tiny_config.obs_dim)]
