@@ -1,0 +1,48 @@
+"""Smoke test of the epoch-time benchmark's own arithmetic (the benchmark itself is not run in CI)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "epoch_time.py"
+
+
+@pytest.fixture(scope="module")
+def epoch_time():
+    spec = importlib.util.spec_from_file_location("epoch_time", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_count_of_the_reference_architecture(epoch_time):
+    # rnn 88*600 + 600*600, combiner 100*600 + 2*600*100, transition 2*(100*200 + 200*100)
+    # + 2*100*100, emitter 100*100 + 100*100 + 100*88 multiply-adds, times 2.
+    assert epoch_time.forward_flops_per_step() == 2 * (412_800 + 180_000 + 100_000 + 28_800)
+
+
+def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
+    epochs = [
+        {
+            "seconds": s,
+            "train_loss_per_step": 60.0 - i,
+            "peak_rss_mib": 500.0,
+            "compile_seconds": 9.0,
+            "compiled_shapes": 3,
+        }
+        for i, s in enumerate([9, 2, 1, 3])
+    ]
+    info = {"device": "cpu", "platform": "cpu"}
+    row = epoch_time.summarize("dmm_jax", info, epochs, warmup=1, real_steps=1000, ceiling=100.0)
+    assert row["seconds_per_epoch"] == 2 and row["epochs_timed"] == 3
+    assert row["useful_gflops_per_s"] == pytest.approx(
+        3 * epoch_time.forward_flops_per_step() * 1000 / 2 / 1e9
+    )
+    row["speedup_vs_reference"] = 3.0
+    out = tmp_path / "result.json"
+    out.write_text(json.dumps({"rows": [row], "epochs": 4}))
+    assert epoch_time.main(["--table-from", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| dmm_jax | cpu (cpu) | 2.000 | 9.0 | 3 |" in table and "3.00x" in table
