@@ -1,9 +1,10 @@
-"""The evidence lower bound per sequence, and -ELBO per time step over a whole split.
+"""The evidence lower bound per sequence, and negative log-likelihood per time step over a
+whole split, by the bound or by importance sampling.
 
     ELBO(x) = E_q[ log p(x, z) - log q(z | x) ] <= log p(x)
 
-The per-step figure is the reference's: the negative ELBO summed over the split's sequences,
-divided by the split's total number of time steps (nats per step).
+The per-step figure is the reference's: summed over the split's sequences, divided by the
+split's total number of time steps (nats per step).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ Array = jax.Array
 Params = dict
 
 
-def _site_log_prob(site: dict) -> Array:
+def _scaled_log_prob(site: dict) -> Array:
+    """A sample site's log density per sequence, [B], times its handler scale."""
     fn = site["fn"]
     if site["intermediates"]:
-        return fn.log_prob(site["value"], site["intermediates"])
-    return fn.log_prob(site["value"])
+        log_prob = fn.log_prob(site["value"], site["intermediates"])
+    else:
+        log_prob = fn.log_prob(site["value"])
+    return log_prob if site["scale"] is None else site["scale"] * log_prob
 
 
 def elbo_per_sequence(
@@ -53,18 +57,9 @@ def elbo_per_sequence(
     replayed = handlers.replay(handlers.substitute(model, data=params), guide_trace)
     model_trace = handlers.trace(replayed).get_trace(*args, **kwargs)
 
-    elbo = jnp.zeros(x.shape[0])
-    for site in model_trace.values():
-        if site["type"] == "sample":
-            elbo = elbo + (site["scale"] if site["scale"] is not None else 1.0) * _site_log_prob(
-                site
-            )
-    for site in guide_trace.values():
-        if site["type"] == "sample":
-            elbo = elbo - (site["scale"] if site["scale"] is not None else 1.0) * _site_log_prob(
-                site
-            )
-    return elbo
+    log_p = sum(_scaled_log_prob(s) for s in model_trace.values() if s["type"] == "sample")
+    log_q = sum(_scaled_log_prob(s) for s in guide_trace.values() if s["type"] == "sample")
+    return log_p - log_q
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

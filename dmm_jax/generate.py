@@ -32,11 +32,10 @@ def _networks(params: dict, config: DMMConfig):
 
 
 def _roll_out(params, key, config, z_start, num_steps):
-    """z_{1:T} from the prior chain started at z_start [N, Z] (or [Z]); then x ~ p(x | z)."""
+    """z_{1:T} from the prior chain started at z_start [N, Z]; then x ~ p(x | z)."""
     transition, emitter = _networks(params, config)
-    num = z_start.shape[0] if z_start.ndim == 2 else 1
     z_key, x_key = jax.random.split(key)
-    z = MarkovGaussianChain(transition, z_start, num, num_steps).sample(z_key)
+    z = MarkovGaussianChain(transition, z_start, z_start.shape[0], num_steps).sample(z_key)
     logits = emitter(z)
     probs = jax.nn.sigmoid(logits)
     x = jax.random.bernoulli(x_key, probs).astype(jnp.uint8)

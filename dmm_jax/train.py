@@ -311,7 +311,8 @@ def fit(
                 "compile_seconds": sum(update.compile_seconds.values()),
             }
             every = train_config.eval_every
-            if epoch + 1 == train_config.epochs or (every and (epoch + 1) % every == 0):
+            due = epoch + 1 == train_config.epochs or (every and (epoch + 1) % every == 0)
+            if eval_sets and due:
                 params = svi.get_params(state.svi_state)
                 for name, data in eval_sets.items():
                     result = evaluate_split(
