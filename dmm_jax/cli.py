@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="random mini-batches of similar-length sequences (less padding, faster epochs)",
     )
+    train.add_argument(
+        "--microbatch-steps",
+        type=int,
+        default=t.microbatch_steps,
+        help="split batches with more padded steps (sequences x steps) than this into "
+        "micro-batches whose gradients are summed: caps memory on long sequences (0: never)",
+    )
     train.add_argument("--eval-every", type=int, default=t.eval_every, help="0: only at the end")
     train.add_argument("--eval-samples", type=int, default=t.eval_samples)
     train.add_argument("--z-dim", type=int, default=m.z_dim)
@@ -112,6 +119,7 @@ def _train(args: argparse.Namespace) -> int:
             minimum_annealing_factor=args.minimum_annealing_factor,
             seed=args.seed,
             length_bucketing=args.length_bucketing,
+            microbatch_steps=args.microbatch_steps,
             eval_every=args.eval_every,
             eval_samples=args.eval_samples,
         )

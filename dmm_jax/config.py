@@ -62,6 +62,10 @@ class TrainConfig:
     # False: random mini-batches as the reference. True: random mini-batches of sequences of
     # similar length (dmm_jax.data.batching.length_grouped_batches), far less padding.
     length_bucketing: bool = False
+    # Memory: a batch whose padded size (sequences x steps) exceeds this is differentiated in
+    # micro-batches of whole sequences and their gradients summed (same estimator; activations
+    # of one micro-batch in memory at a time). 0: never split (the reference's behaviour).
+    microbatch_steps: int = 0
     eval_every: int = 0  # evaluate validation and test every K epochs (0: only at the end)
     eval_samples: int = 1
     eval_batch_size: int = 64
@@ -73,7 +77,13 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{field} must be positive, got {getattr(self, field)!r}"
                 )
-        for field in ("annealing_epochs", "eval_every", "clip_norm", "weight_decay"):
+        for field in (
+            "annealing_epochs",
+            "eval_every",
+            "clip_norm",
+            "weight_decay",
+            "microbatch_steps",
+        ):
             if getattr(self, field) < 0:
                 raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)!r}")
         if not 0.0 < self.minimum_annealing_factor <= 1.0:

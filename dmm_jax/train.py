@@ -17,7 +17,8 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -135,35 +136,119 @@ def init_train_state(svi: SVI, seed: int, obs_dim: int) -> TrainState:
     return TrainState(svi_state, jnp.int32(0), data_key, eval_key)
 
 
+def microbatch_count(batch_size: int, num_steps: int, microbatch_steps: int) -> int:
+    """Fewest micro-batches (a divisor of batch_size) with at most ``microbatch_steps`` padded
+    steps each; 1 when ``microbatch_steps`` is 0 (off)."""
+    if microbatch_steps <= 0:
+        return 1
+    for count in range(1, batch_size + 1):
+        if batch_size % count == 0 and (batch_size // count) * num_steps <= microbatch_steps:
+            return count
+    return batch_size
+
+
+def microbatched_update(
+    svi: SVI, num_microbatches: int, svi_state: SVIState, x, lengths, annealing
+):
+    """``svi.update`` with the batch's loss and gradient summed over ``num_microbatches`` groups
+    of its sequences, each differentiated on its own inside a scan.
+
+    The ELBO is a sum over sequences, so this is the same estimator with a fraction of the
+    activations alive at once; micro-batch c draws its noise from ``fold_in(step_key, c)``.
+    """
+    if jax.tree.leaves(svi_state.mutable_state):
+        raise NotImplementedError("micro-batching does not support mutable model state")
+    rng_key, step_key = jax.random.split(svi_state.rng_key)
+    params = svi.optim.get_params(svi_state.optim_state)
+
+    def accumulate(total, microbatch):
+        index, x_m, lengths_m = microbatch
+
+        def loss_fn(p):
+            key = jax.random.fold_in(step_key, index)
+            args = (x_m, lengths_m, annealing)
+            return svi.loss.loss(
+                key, svi.constrain_fn(p), svi.model, svi.guide, *args, **svi.static_kwargs
+            )
+
+        loss_and_grads = jax.value_and_grad(loss_fn)(params)
+        return jax.tree.map(jnp.add, total, loss_and_grads), None
+
+    microbatches = (
+        jnp.arange(num_microbatches),
+        x.reshape(num_microbatches, -1, *x.shape[1:]),
+        lengths.reshape(num_microbatches, -1),
+    )
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
+    optim_state = svi.optim.update(grads, svi_state.optim_state, value=loss)
+    return SVIState(optim_state, svi_state.mutable_state, rng_key), loss
+
+
 class UpdateStep:
     """``jax.jit(svi.update)``, compiled ahead of time once per batch shape.
 
     Call: (svi_state, x [B, T, X], lengths [B], annealing_factor []) -> (svi_state, loss).
     Every new shape is lowered and compiled explicitly, so ``compiled_shapes`` and
-    ``compile_seconds`` say exactly what compiled and what it cost; a call with a new
-    annealing factor reuses the executable (it is a float32 array argument). The incoming
+    ``compile_seconds`` (wall time, all shapes) say exactly what compiled and what it cost; a
+    call with a new annealing factor reuses the executable (it is a float32 array argument).
+    ``compile`` builds several shapes at once in threads (XLA compiles outside the GIL), which
+    is how ``train_epoch`` prepares the shapes of an epoch before running it. The incoming
     state's buffers are donated: it must not be used after the call.
+
+    With ``microbatch_steps`` > 0, shapes whose batch holds more padded steps than that run
+    ``microbatched_update`` instead (see ``TrainConfig.microbatch_steps``).
     """
 
-    def __init__(self, svi: SVI):
-        self._jitted = jax.jit(svi.update, donate_argnums=0)
+    def __init__(self, svi: SVI, max_workers: int | None = None, microbatch_steps: int = 0):
+        self._svi = svi
+        self._jitted = {1: jax.jit(svi.update, donate_argnums=0)}
+        self._microbatch_steps = microbatch_steps
         self._executables: dict[tuple[int, ...], Any] = {}
-        self.compile_seconds: dict[tuple[int, ...], float] = {}
+        self._max_workers = max_workers or os.cpu_count() or 1
+        self.compile_seconds = 0.0
 
     @property
     def compiled_shapes(self) -> list[tuple[int, ...]]:
         return list(self._executables)
 
+    def compile(self, svi_state: SVIState, shapes: Iterable[tuple[int, ...]]) -> None:
+        """Compiles every shape [B, T, X] of ``shapes`` not compiled yet, concurrently."""
+        missing = [s for s in dict.fromkeys(map(tuple, shapes)) if s not in self._executables]
+        if not missing:
+            return
+        start = time.perf_counter()
+        annealing = jax.ShapeDtypeStruct((), jnp.float32)
+        lowered = [
+            self._jitted_for(shape).lower(
+                svi_state,
+                jax.ShapeDtypeStruct(shape, jnp.float32),
+                jax.ShapeDtypeStruct(shape[:1], jnp.int32),
+                annealing,
+            )
+            for shape in missing
+        ]
+        workers = min(len(lowered), self._max_workers)
+        if workers == 1:
+            executables = [low.compile() for low in lowered]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                executables = list(pool.map(lambda low: low.compile(), lowered))
+        self._executables.update(zip(missing, executables))
+        self.compile_seconds += time.perf_counter() - start
+
+    def _jitted_for(self, shape: tuple[int, ...]):
+        count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
+        if count not in self._jitted:
+            update = functools.partial(microbatched_update, self._svi, count)
+            self._jitted[count] = jax.jit(update, donate_argnums=0)
+        return self._jitted[count]
+
     def __call__(self, svi_state, x, lengths, annealing):
-        annealing = jnp.asarray(annealing, jnp.float32)
         shape = tuple(x.shape)
-        executable = self._executables.get(shape)
-        if executable is None:
-            start = time.perf_counter()
-            executable = self._jitted.lower(svi_state, x, lengths, annealing).compile()
-            self.compile_seconds[shape] = time.perf_counter() - start
-            self._executables[shape] = executable
-        return executable(svi_state, x, lengths, annealing)
+        if shape not in self._executables:
+            self.compile(svi_state, [shape])
+        return self._executables[shape](svi_state, x, lengths, jnp.asarray(annealing, jnp.float32))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -223,6 +308,9 @@ def train_epoch(
         batches = length_grouped_batches(epoch_key, data.lengths, config.batch_size)
     else:
         batches = shuffled_batches(epoch_key, len(data), config.batch_size)
+    update.compile(
+        state.svi_state, [data.padded_shape(indices, config.batch_size) for indices in batches]
+    )
     svi_state, losses, factor = state.svi_state, [], 1.0
     for i, indices in enumerate(
         tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
@@ -288,7 +376,7 @@ def fit(
         state, history = saved.state, saved.history
         say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
-    update = UpdateStep(svi)
+    update = UpdateStep(svi, microbatch_steps=train_config.microbatch_steps)
     with contextlib.ExitStack() as stack:
         log_file = None
         if log_json is not None:
@@ -308,7 +396,7 @@ def fit(
                 "seconds": time.perf_counter() - start,
                 "annealing_factor": factor,
                 "compiled_shapes": len(update.compiled_shapes),
-                "compile_seconds": sum(update.compile_seconds.values()),
+                "compile_seconds": update.compile_seconds,
             }
             every = train_config.eval_every
             due = epoch + 1 == train_config.epochs or (every and (epoch + 1) % every == 0)
@@ -340,7 +428,7 @@ def fit(
                 )
     say(
         f"compiled {len(update.compiled_shapes)} training shapes in "
-        f"{sum(update.compile_seconds.values()):.1f} s: {update.compiled_shapes}"
+        f"{update.compile_seconds:.1f} s: {update.compiled_shapes}"
     )
     return TrainResult(svi.get_params(state.svi_state), state, history, update.compiled_shapes)
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import random_binary_batch
 
 from dmm_jax.config import TrainConfig
+from dmm_jax.model import guide, model
 from dmm_jax.train import (
     UpdateStep,
     annealing_factor,
@@ -16,6 +17,8 @@ from dmm_jax.train import (
     clipped_adam,
     fit,
     init_train_state,
+    microbatch_count,
+    microbatched_update,
 )
 
 
@@ -106,6 +109,59 @@ def test_jitted_update_lowers_the_loss_and_annealing_never_recompiles(tiny_confi
     x2, lengths2 = random_binary_batch(1, 8, 16, tiny_config.obs_dim)
     update(state, x2, lengths2, 1.0)
     assert len(update.compiled_shapes) == 2
+
+
+def test_microbatch_count_picks_the_fewest_dividing_groups_under_the_budget():
+    assert microbatch_count(20, 4300, 0) == 1  # off
+    assert microbatch_count(20, 100, 2000) == 1
+    assert microbatch_count(20, 4300, 25_000) == 4  # 5 sequences x 4300 steps each
+    assert microbatch_count(20, 4300, 1000) == 20  # never below one sequence
+    assert microbatch_count(7, 10, 30) == 7  # 7 is prime: 1 or 7 groups
+
+
+def test_microbatched_update_sums_the_numpyro_gradients_of_each_group(tiny_config):
+    from functools import partial
+
+    from numpyro.infer import Trace_ELBO
+
+    svi = build_svi(tiny_config, TrainConfig(learning_rate=1e-2))
+    state = init_train_state(svi, 0, tiny_config.obs_dim).svi_state
+    x, lengths = random_binary_batch(3, 6, 9, tiny_config.obs_dim, lengths=[9, 2, 5, 0, 7, 3])
+
+    # The expected step, written out: three groups of two sequences, each scored by NumPyro's
+    # Trace_ELBO with key fold_in(step_key, group), gradients summed, one optimizer update.
+    _, step_key = jax.random.split(state.rng_key)
+    params = svi.optim.get_params(state.optim_state)
+    model_fn, guide_fn = partial(model, config=tiny_config), partial(guide, config=tiny_config)
+    loss, grads = 0.0, jax.tree.map(jnp.zeros_like, params)
+    for group in range(3):
+        rows = slice(2 * group, 2 * group + 2)
+
+        def group_loss(p, group=group, rows=rows):
+            key = jax.random.fold_in(step_key, group)
+            return Trace_ELBO().loss(key, p, model_fn, guide_fn, x[rows], lengths[rows], 0.5)
+
+        value, g = jax.value_and_grad(group_loss)(params)
+        loss, grads = loss + value, jax.tree.map(jnp.add, grads, g)
+    expected = svi.optim.get_params(svi.optim.update(grads, state.optim_state, value=loss))
+
+    new_state, got_loss = jax.jit(partial(microbatched_update, svi, 3))(state, x, lengths, 0.5)
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
+    got = svi.optim.get_params(new_state.optim_state)
+    for name in expected:
+        for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(expected[name])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_update_step_splits_only_shapes_over_the_microbatch_budget(tiny_config):
+    svi = build_svi(tiny_config, TrainConfig())
+    state = init_train_state(svi, 0, tiny_config.obs_dim).svi_state
+    update = UpdateStep(svi, microbatch_steps=40)
+    x, lengths = random_binary_batch(0, 8, 20, tiny_config.obs_dim)  # 160 steps: 4 groups
+    state, loss = update(state, x, lengths, 1.0)
+    assert np.isfinite(float(loss)) and 0.0 < float(loss)
+    assert update.compiled_shapes == [(8, 20, tiny_config.obs_dim)]
+    assert set(update._jitted) == {1, 4}
 
 
 def test_fit_lowers_the_loss_and_evaluates_at_the_end(tiny_config):

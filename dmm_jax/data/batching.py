@@ -52,6 +52,11 @@ class PaddedSequences:
     def num_steps(self) -> int:
         return int(self.lengths.sum())
 
+    def padded_shape(self, indices: np.ndarray, batch_size: int) -> tuple[int, int, int]:
+        """The shape of ``batch(indices, batch_size)``'s x, without building it."""
+        longest = int(self.lengths[indices].max()) if len(indices) else 0
+        return batch_size, length_bucket(longest), self.dense.shape[2]
+
     def batch(self, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """x [batch_size, T_bucket, X] float32 and lengths [batch_size] int32 for ``indices``.
 
