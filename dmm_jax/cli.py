@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 
@@ -37,8 +39,25 @@ def _add_data_flags(parser: argparse.ArgumentParser, dataset_default: str | None
     )
 
 
+def compile_cache_dir(flag: str | None) -> Path | None:
+    """The persistent XLA compilation cache: ``--compile-cache``, else $DMM_JAX_COMPILE_CACHE,
+    else ~/.cache/dmm_jax/xla; "none" turns it off."""
+    default = str(Path.home() / ".cache" / "dmm_jax" / "xla")
+    value = flag if flag is not None else os.environ.get("DMM_JAX_COMPILE_CACHE", default)
+    if value.strip().lower() in ("", "none", "off"):
+        return None
+    return Path(value).expanduser()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmm-jax", description="Deep Markov Models in JAX.")
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="keep compiled programs here so later runs skip compiling "
+        "(default: $DMM_JAX_COMPILE_CACHE or ~/.cache/dmm_jax/xla; 'none' turns it off)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a DMM by SVI (defaults: the reference's)")
@@ -177,6 +196,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cache = compile_cache_dir(args.compile_cache)
+    if cache is not None:
+        # A second run of the same shapes loads its executables instead of recompiling them.
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         return {"train": _train, "evaluate": _evaluate}[args.command](args)
     except (DataError, CheckpointError) as err:

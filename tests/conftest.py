@@ -12,6 +12,10 @@ import pathlib
 
 import pytest
 
+# The CLI keeps a persistent compilation cache in the user's home by default; tests that call
+# it in-process must not write there.
+os.environ.setdefault("DMM_JAX_COMPILE_CACHE", "none")
+
 
 @pytest.fixture(scope="session")
 def jsb_path() -> pathlib.Path:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dmm_jax.cli import main
+from dmm_jax.cli import compile_cache_dir, main
 
 
 def test_train_two_epochs_on_jsb_then_evaluate(jsb_path, tmp_path, capsys):
@@ -71,3 +71,14 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 def test_resume_without_a_checkpoint_dir_is_refused():
     with pytest.raises(SystemExit, match="--resume needs --checkpoint-dir"):
         main(["train", "--resume"])
+
+
+def test_compile_cache_directory_comes_from_flag_then_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DMM_JAX_COMPILE_CACHE", str(tmp_path / "env"))
+    assert compile_cache_dir(None) == tmp_path / "env"
+    assert compile_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert compile_cache_dir("none") is None
+    monkeypatch.setenv("DMM_JAX_COMPILE_CACHE", "none")
+    assert compile_cache_dir(None) is None
+    monkeypatch.delenv("DMM_JAX_COMPILE_CACHE")
+    assert compile_cache_dir(None).parts[-3:] == (".cache", "dmm_jax", "xla")
