@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
+from dmm_jax import distributed
 from dmm_jax.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -143,10 +145,19 @@ class UpdateStep:
     ``compile_seconds`` say exactly what compiled and what it cost; a call with a new
     annealing factor reuses the executable (it is a float32 array argument). The incoming
     state's buffers are donated: it must not be used after the call.
+
+    With a ``mesh`` (``dmm_jax.distributed.data_mesh``) the same update runs data-parallel:
+    the batch is split over the devices along its sequences (padded with empty sequences to a
+    multiple of the device count; shapes are then the padded ones) and the state replicated.
     """
 
-    def __init__(self, svi: SVI):
-        self._jitted = jax.jit(svi.update, donate_argnums=0)
+    def __init__(self, svi: SVI, mesh: Mesh | None = None):
+        self.mesh = mesh
+        shardings = {}
+        if mesh is not None:  # data parallel: see dmm_jax.distributed
+            same, split = distributed.replicated(mesh), distributed.batch_sharded(mesh)
+            shardings = {"in_shardings": (same, split, split, same), "out_shardings": same}
+        self._jitted = jax.jit(svi.update, donate_argnums=0, **shardings)
         self._executables: dict[tuple[int, ...], Any] = {}
         self.compile_seconds: dict[tuple[int, ...], float] = {}
 
@@ -156,6 +167,9 @@ class UpdateStep:
 
     def __call__(self, svi_state, x, lengths, annealing):
         annealing = jnp.asarray(annealing, jnp.float32)
+        if self.mesh is not None:
+            svi_state, annealing = distributed.replicate((svi_state, annealing), self.mesh)
+            x, lengths = distributed.shard_batch(x, lengths, self.mesh)
         shape = tuple(x.shape)
         executable = self._executables.get(shape)
         if executable is None:
@@ -227,7 +241,10 @@ def train_epoch(
     for i, indices in enumerate(
         tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
     ):
-        x, lengths = data.batch(indices, config.batch_size)
+        if update.mesh is None:
+            x, lengths = data.batch(indices, config.batch_size)
+        else:  # each process reads only the rows its devices hold
+            x, lengths = distributed.global_batch(data, indices, config.batch_size, update.mesh)
         factor = annealing_factor(epoch, i, len(batches), config)
         svi_state, loss = update(svi_state, x, lengths, factor)
         losses.append(loss)  # stays on device: no sync per batch
@@ -248,6 +265,7 @@ def fit(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Trains a DMM by SVI; evaluates validation/test every ``eval_every`` epochs and at the end.
 
@@ -261,6 +279,9 @@ def fit(
         progress: show a progress bar over the mini-batches of each epoch.
         log: called with one human-readable line per epoch (e.g. ``print``).
         metadata: JSON-serializable facts stored in the checkpoint (e.g. the dataset name).
+        mesh: train and evaluate data-parallel over this device mesh
+            (``dmm_jax.distributed.data_mesh``); None: today's single-device run. In a
+            multi-process run only process 0 writes the checkpoint and the JSON log.
 
     Returns:
         TrainResult with the final parameters, state, per-epoch history and compiled shapes.
@@ -288,10 +309,11 @@ def fit(
         state, history = saved.state, saved.history
         say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
-    update = UpdateStep(svi)
+    update = UpdateStep(svi, mesh)
+    writes = jax.process_index() == 0  # one writer when several processes share a run
     with contextlib.ExitStack() as stack:
         log_file = None
-        if log_json is not None:
+        if log_json is not None and writes:
             Path(log_json).parent.mkdir(parents=True, exist_ok=True)
             log_file = stack.enter_context(open(log_json, "a" if resume and history else "w"))
         while int(state.epoch) < train_config.epochs:
@@ -322,6 +344,7 @@ def fit(
                         model_config,
                         num_samples=train_config.eval_samples,
                         batch_size=train_config.eval_batch_size,
+                        mesh=mesh,
                     )
                     record[f"{name}_loss_per_step"] = result["loss_per_step"]
             history.append(record)
@@ -329,7 +352,7 @@ def fit(
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and writes:
                 save_checkpoint(
                     checkpoint_dir,
                     state,
