@@ -166,9 +166,12 @@ class UpdateStep:
         return list(self._executables)
 
     def __call__(self, svi_state, x, lengths, annealing):
-        annealing = jnp.asarray(annealing, jnp.float32)
-        if self.mesh is not None:
-            svi_state, annealing = distributed.replicate((svi_state, annealing), self.mesh)
+        if self.mesh is None:
+            annealing = jnp.asarray(annealing, jnp.float32)
+        else:
+            svi_state, annealing = distributed.replicate(
+                (svi_state, np.float32(annealing)), self.mesh
+            )
             x, lengths = distributed.shard_batch(x, lengths, self.mesh)
         shape = tuple(x.shape)
         executable = self._executables.get(shape)
