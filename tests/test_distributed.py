@@ -7,6 +7,7 @@ started at once, so this process and the rest of the suite keep their single dev
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -173,3 +174,17 @@ def test_bad_device_and_process_settings_are_named(monkeypatch, capsys):
     monkeypatch.delenv(distributed.ENV_NUM_PROCESSES)
     with pytest.raises(SystemExit, match="dmm-jax train: devices must be between 1"):
         main(["train", "--dataset", "jsb", "--devices", "3", "--epochs", "1"])
+
+
+def test_scaling_benchmark_summary_reports_the_largest_loss_gap():
+    spec = importlib.util.spec_from_file_location("scaling", _ROOT / "benchmarks" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    rows = [
+        {"seconds_per_epoch": 2.0, "loss_per_epoch": [10.0, 8.0]},
+        {"seconds_per_epoch": 3.0, "loss_per_epoch": [10.0, 8.004]},
+        {"seconds_per_epoch": 1.0, "loss_per_epoch": [10.001, 8.0]},
+    ]
+    summary = scaling.summarize(rows)
+    assert summary["max_relative_loss_difference"] == pytest.approx(5e-4)
+    assert [r["seconds_vs_first"] for r in rows] == [1.0, 1.5, 0.5]
