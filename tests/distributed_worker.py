@@ -4,9 +4,11 @@ A separate process because the device count is fixed when JAX starts
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) and a multi-process run needs
 ``jax.distributed.initialize``; the rest of the suite keeps its one device.
 
-    python tests/distributed_worker.py devices OUT.json
-        single process, 4 devices: one update, an evaluation and a short fit, each on one
-        device and on the 4-device mesh
+    python tests/distributed_worker.py update OUT.json
+        single process, 4 devices: one update on one device and on the 4-device mesh, and the
+        gradient that empty padding sequences contribute
+    python tests/distributed_worker.py single OUT.json
+        single process, one device: the short fit and evaluation the multi-process run repeats
     python tests/distributed_worker.py fit OUT.json COORDINATOR NUM_PROCESSES PROCESS_ID
         one process of a multi-process run: the short fit and evaluation over the mesh of all
         processes' devices (process 0 writes OUT.json)
@@ -101,19 +103,72 @@ def one_update(batch: int, mesh) -> dict:
     }
 
 
+def padding_rows() -> dict:
+    """What empty sequences appended to a batch add to the ELBO and its gradient, and how far
+    the real rows' ELBO moves when they are appended."""
+    import jax
+
+    from dmm_jax.config import DMMConfig
+    from dmm_jax.evaluate import elbo_per_sequence
+
+    config = DMMConfig(**TINY)
+    params, x, lengths = _padded_example(config)
+    key = jax.random.PRNGKey(5)
+    padding = lengths == 0
+
+    def padded_rows_elbo(p):
+        per_sequence = elbo_per_sequence(p, key, x, lengths, config)
+        return per_sequence[padding].sum(), per_sequence
+
+    (value, per_sequence), grads = jax.jit(jax.value_and_grad(padded_rows_elbo, has_aux=True))(
+        params
+    )
+    real = np.flatnonzero(~padding)
+    alone = jax.jit(elbo_per_sequence, static_argnames="config")(
+        params, key, x[real], lengths[real], config=config
+    )
+    return {
+        "padded_rows_elbo": float(value),
+        "largest_padding_gradient": max(
+            float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(grads)
+        ),
+        "real_rows_with_padding": np.asarray(per_sequence)[real].tolist(),
+        "real_rows_alone": np.asarray(alone).tolist(),
+    }
+
+
+def _padded_example(config):
+    """Initial parameters and a batch of 4 real sequences followed by 2 empty ones, as batches
+    and meshes pad (at the end)."""
+    from dmm_jax.config import TrainConfig
+    from dmm_jax.train import build_svi, init_train_state
+
+    svi = build_svi(config, TrainConfig())
+    params = svi.get_params(init_train_state(svi, 0, config.obs_dim).svi_state)
+    sequences = binary_sequences(4, 4)
+    lengths = np.array([len(s) for s in sequences] + [0, 0], np.int32)
+    x = np.zeros((6, 16, config.obs_dim), np.float32)
+    for i, s in enumerate(sequences):
+        x[i, : len(s)] = s
+    return params, x, lengths
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[0], argv[1]
-    if mode == "devices":
+    if mode == "update":
         import jax
 
         from dmm_jax.distributed import data_mesh
 
-        mesh = data_mesh(4)
         results = {
             "device_count": jax.device_count(),
-            "update_22": {"one": one_update(22, None), "mesh": one_update(22, mesh)},
-            "fit": {"one": short_fit(None), "mesh": short_fit(mesh)},
+            "update_22": {"one": one_update(22, None), "mesh": one_update(22, data_mesh(4))},
+            "padding": padding_rows(),
         }
+    elif mode == "single":
+        import jax
+
+        results = {"device_count": jax.device_count(), "fit": short_fit(None)}
     elif mode == "fit":
         from dmm_jax.distributed import data_mesh, initialize
 
