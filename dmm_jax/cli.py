@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+from jax.sharding import Mesh
 
+from dmm_jax import distributed
 from dmm_jax.checkpoint import CheckpointError
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data import DATASETS, DataError, load_dataset
@@ -47,6 +49,40 @@ def compile_cache_dir(flag: str | None) -> Path | None:
     if value.strip().lower() in ("", "none", "off"):
         return None
     return Path(value).expanduser()
+
+
+def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "devices and hosts", "data parallelism over a device mesh (see README: many devices)"
+    )
+    group.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="local devices to split each mini-batch over (default: all local devices)",
+    )
+    group.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="host:port of process 0, for a multi-process run (or $JAX_COORDINATOR_ADDRESS)",
+    )
+    group.add_argument(
+        "--num-processes", type=int, default=None, help="processes in all (or $JAX_NUM_PROCESSES)"
+    )
+    group.add_argument(
+        "--process-id", type=int, default=None, help="this process, 0..N-1 (or $JAX_PROCESS_ID)"
+    )
+
+
+def _mesh(args: argparse.Namespace) -> Mesh | None:
+    """Joins the multi-process run if one is asked for, then the device mesh; None where the
+    run has one device in all, which keeps the single-device code path exactly."""
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        mesh = distributed.data_mesh(args.devices)
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax {args.command}: {err}") from err
+    return None if mesh.size == 1 else mesh
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_parallel_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="-ELBO per time step of a trained checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
@@ -111,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=_DEFAULT_TRAIN.eval_batch_size)
+    _add_parallel_flags(evaluate)
     return parser
 
 
@@ -144,12 +182,17 @@ def _train(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
+    mesh = _mesh(args)
+    lead = jax.process_index() == 0  # in a multi-process run, only process 0 prints
     dataset = load_dataset(args.dataset, args.data)
-    print(
-        f"dmm-jax: {dataset.name} from {dataset.source}: {len(dataset.train)} train sequences "
-        f"({dataset.train.num_steps} steps); devices {jax.devices()}",
-        flush=True,
-    )
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+    if lead:
+        print(
+            f"dmm-jax: {dataset.name} from {dataset.source}: {len(dataset.train)} train "
+            f"sequences ({dataset.train.num_steps} steps); "
+            f"{'devices' if mesh is None else 'data parallel over'} {devices}",
+            flush=True,
+        )
     fit(
         dataset.train,
         dataset.valid,
@@ -159,14 +202,16 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         log_json=args.log_json,
-        progress=not args.no_progress,
-        log=lambda line: print(line, flush=True),
+        progress=lead and not args.no_progress,
+        log=(lambda line: print(line, flush=True)) if lead else None,
         metadata={"dataset": dataset.name},
+        mesh=mesh,
     )
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    mesh = _mesh(args)
     run = load_run(args.checkpoint)
     name = args.dataset or run.metadata.get("dataset")
     if name is None:
@@ -182,6 +227,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         estimator=args.estimator,
         batch_size=args.batch_size,
+        mesh=mesh,
     )
     result = {
         "dataset": dataset.name,
@@ -190,7 +236,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         "epochs_trained": int(run.state.epoch),
         **result,
     }
-    print(json.dumps(result))
+    if jax.process_index() == 0:
+        print(json.dumps(result))
     return 0
 
 

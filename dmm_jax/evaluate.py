@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from numpyro import handlers
 
+from dmm_jax import distributed
 from dmm_jax.config import DMMConfig
 from dmm_jax.data.batching import PaddedSequences, sorted_batches
 from dmm_jax.model import guide, model
@@ -62,10 +64,21 @@ def elbo_per_sequence(
     return log_p - log_q
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _batch_log_weights(params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig):
+def _log_weights(params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig):
     """log p(x, z_s) - log q(z_s | x) for one guide draw z_s per key: [S, B]."""
     return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config))(keys)
+
+
+_batch_log_weights = jax.jit(_log_weights, static_argnames=("config",))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_log_weights(mesh: Mesh):
+    """``_batch_log_weights`` over a batch split along sequences; every process gets all [S, B]
+    weights back (they are small), so the statistics below run unchanged."""
+    return jax.jit(
+        _log_weights, static_argnames=("config",), out_shardings=distributed.replicated(mesh)
+    )
 
 
 class LogWeightStats:
@@ -131,6 +144,7 @@ def evaluate_split(
     estimator: str = "elbo",
     batch_size: int = 64,
     sample_chunk: int = 16,
+    mesh: Mesh | None = None,
 ) -> dict[str, float | int | str]:
     """Negative log-likelihood per time step over a split, by the ELBO or importance sampling.
 
@@ -142,7 +156,10 @@ def evaluate_split(
 
     The IS estimate is never above the bound computed from the same draws (Jensen) and tends
     to -log p(x) per step as S grows. Draws are taken ``sample_chunk`` at a time; sequences
-    are batched by sorted length and padded to length buckets, so few shapes compile.
+    are batched by sorted length and padded to length buckets, so few shapes compile. With a
+    ``mesh`` (``dmm_jax.distributed.data_mesh``) each batch is split over its devices along
+    sequences, all S draws of a sequence on the device holding it; the draws, hence the
+    estimates, are the same as on one device.
 
     Returns a dict: ``loss_per_step`` and ``elbo_nll_per_step`` (the bound), its standard
     error ``elbo_nll_per_step_se``, ``elbo_nll_per_sequence_step`` (the bound normalised per
@@ -156,9 +173,15 @@ def evaluate_split(
     data = sequences if isinstance(sequences, PaddedSequences) else PaddedSequences(sequences)
     chunk = min(sample_chunk, num_samples)
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
+    log_weights = _batch_log_weights
+    if mesh is not None:
+        log_weights, params = _sharded_log_weights(mesh), distributed.replicate(params, mesh)
     for i, indices in enumerate(sorted_batches(data.lengths, batch_size)):
-        x, lengths = data.batch(indices, batch_size)
-        x, lengths = jnp.asarray(x), jnp.asarray(lengths)
+        if mesh is None:
+            x, lengths = data.batch(indices, batch_size)
+            x, lengths = jnp.asarray(x), jnp.asarray(lengths)
+        else:  # each process reads only the rows its devices hold
+            x, lengths = distributed.global_batch(data, indices, batch_size, mesh)
         keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
         batch_stats = LogWeightStats(len(indices))
         for start in range(0, num_samples, chunk):
@@ -166,7 +189,9 @@ def evaluate_split(
             used = len(chunk_keys)
             if used < chunk:  # keep one compiled shape: pad with repeats, drop them after
                 chunk_keys = jnp.concatenate([chunk_keys, keys[: chunk - used]])
-            w = _batch_log_weights(params, chunk_keys, x, lengths, config)
+            if mesh is not None:
+                chunk_keys = distributed.replicate(chunk_keys, mesh)
+            w = log_weights(params, chunk_keys, x, lengths, config)
             batch_stats.update(np.asarray(w)[:used, : len(indices)])
         per_sequence["elbo"][indices] = batch_stats.elbo()
         per_sequence["elbo_var"][indices] = batch_stats.elbo_variance_of_mean()

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
+from dmm_jax import distributed
 from dmm_jax.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -198,11 +200,27 @@ class UpdateStep:
 
     With ``microbatch_steps`` > 0, shapes whose batch holds more padded steps than that run
     ``microbatched_update`` instead (see ``TrainConfig.microbatch_steps``).
+
+    With a ``mesh`` (``dmm_jax.distributed.data_mesh``) the same update runs data-parallel:
+    the batch is split over the devices along its sequences (padded with empty sequences to a
+    multiple of the device count; shapes are then the padded ones) and the state replicated.
     """
 
-    def __init__(self, svi: SVI, max_workers: int | None = None, microbatch_steps: int = 0):
+    def __init__(
+        self,
+        svi: SVI,
+        mesh: Mesh | None = None,
+        *,
+        max_workers: int | None = None,
+        microbatch_steps: int = 0,
+    ):
         self._svi = svi
-        self._jitted = {1: jax.jit(svi.update, donate_argnums=0)}
+        self.mesh = mesh
+        self._shardings = {}
+        if mesh is not None:  # data parallel: see dmm_jax.distributed
+            same, split = distributed.replicated(mesh), distributed.batch_sharded(mesh)
+            self._shardings = {"in_shardings": (same, split, split, same), "out_shardings": same}
+        self._jitted = {1: jax.jit(svi.update, donate_argnums=0, **self._shardings)}
         self._microbatch_steps = microbatch_steps
         self._executables: dict[tuple[int, ...], Any] = {}
         self._max_workers = max_workers or os.cpu_count() or 1
@@ -214,10 +232,14 @@ class UpdateStep:
 
     def compile(self, svi_state: SVIState, shapes: Iterable[tuple[int, ...]]) -> None:
         """Compiles every shape [B, T, X] of ``shapes`` not compiled yet, concurrently."""
+        if self.mesh is not None:
+            shapes = [(distributed.padded_batch_size(s[0], self.mesh), *s[1:]) for s in shapes]
         missing = [s for s in dict.fromkeys(map(tuple, shapes)) if s not in self._executables]
         if not missing:
             return
         start = time.perf_counter()
+        if self.mesh is not None:
+            svi_state = distributed.replicate(svi_state, self.mesh)
         annealing = jax.ShapeDtypeStruct((), jnp.float32)
         lowered = [
             self._jitted_for(shape).lower(
@@ -241,10 +263,15 @@ class UpdateStep:
         count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
         if count not in self._jitted:
             update = functools.partial(microbatched_update, self._svi, count)
-            self._jitted[count] = jax.jit(update, donate_argnums=0)
+            self._jitted[count] = jax.jit(update, donate_argnums=0, **self._shardings)
         return self._jitted[count]
 
     def __call__(self, svi_state, x, lengths, annealing):
+        if self.mesh is not None:
+            svi_state, annealing = distributed.replicate(
+                (svi_state, np.float32(annealing)), self.mesh
+            )
+            x, lengths = distributed.shard_batch(x, lengths, self.mesh)
         shape = tuple(x.shape)
         if shape not in self._executables:
             self.compile(svi_state, [shape])
@@ -315,7 +342,10 @@ def train_epoch(
     for i, indices in enumerate(
         tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
     ):
-        x, lengths = data.batch(indices, config.batch_size)
+        if update.mesh is None:
+            x, lengths = data.batch(indices, config.batch_size)
+        else:  # each process reads only the rows its devices hold
+            x, lengths = distributed.global_batch(data, indices, config.batch_size, update.mesh)
         factor = annealing_factor(epoch, i, len(batches), config)
         svi_state, loss = update(svi_state, x, lengths, factor)
         losses.append(loss)  # stays on device: no sync per batch
@@ -336,6 +366,7 @@ def fit(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Trains a DMM by SVI; evaluates validation/test every ``eval_every`` epochs and at the end.
 
@@ -349,6 +380,9 @@ def fit(
         progress: show a progress bar over the mini-batches of each epoch.
         log: called with one human-readable line per epoch (e.g. ``print``).
         metadata: JSON-serializable facts stored in the checkpoint (e.g. the dataset name).
+        mesh: train and evaluate data-parallel over this device mesh
+            (``dmm_jax.distributed.data_mesh``); None: today's single-device run. In a
+            multi-process run only process 0 writes the checkpoint and the JSON log.
 
     Returns:
         TrainResult with the final parameters, state, per-epoch history and compiled shapes.
@@ -376,10 +410,11 @@ def fit(
         state, history = saved.state, saved.history
         say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
-    update = UpdateStep(svi, microbatch_steps=train_config.microbatch_steps)
+    update = UpdateStep(svi, mesh, microbatch_steps=train_config.microbatch_steps)
+    writes = jax.process_index() == 0  # one writer when several processes share a run
     with contextlib.ExitStack() as stack:
         log_file = None
-        if log_json is not None:
+        if log_json is not None and writes:
             Path(log_json).parent.mkdir(parents=True, exist_ok=True)
             log_file = stack.enter_context(open(log_json, "a" if resume and history else "w"))
         while int(state.epoch) < train_config.epochs:
@@ -410,6 +445,7 @@ def fit(
                         model_config,
                         num_samples=train_config.eval_samples,
                         batch_size=train_config.eval_batch_size,
+                        mesh=mesh,
                     )
                     record[f"{name}_loss_per_step"] = result["loss_per_step"]
             history.append(record)
@@ -417,7 +453,7 @@ def fit(
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and writes:
                 save_checkpoint(
                     checkpoint_dir,
                     state,
