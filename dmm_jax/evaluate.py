@@ -18,6 +18,7 @@ import numpy as np
 from numpyro import handlers
 
 from dmm_jax.config import DMMConfig
+from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import PaddedSequences, sorted_batches
 from dmm_jax.model import guide, model
 
@@ -42,15 +43,21 @@ def elbo_per_sequence(
     lengths: Array,
     config: DMMConfig,
     annealing_factor: Array | float = 1.0,
+    *,
+    inputs: Array | None = None,
+    dt: Array | None = None,
+    obs_mask: Array | None = None,
 ) -> Array:
     """One-sample ELBO of each sequence, [B]: log p(x, z) - log q(z | x) with z ~ q.
 
     Uses the same key convention as NumPyro's Trace_ELBO (the guide is seeded with the second
     half of ``split(key)``), so ``-sum(elbo_per_sequence(...))`` equals ``Trace_ELBO().loss``
-    for the same key. Padded rows (length 0) give exactly 0.
+    for the same key. Padded rows (length 0) give exactly 0. ``inputs``, ``dt`` and
+    ``obs_mask`` go to model and guide (see ``dmm_jax.model``).
     """
     _, guide_key = jax.random.split(key)
-    kwargs = {"config": config}
+    covariates = {"inputs": inputs, "dt": dt, "obs_mask": obs_mask}
+    kwargs = {"config": config, **{k: v for k, v in covariates.items() if v is not None}}
     args = (x, lengths, annealing_factor)
     seeded_guide = handlers.seed(handlers.substitute(guide, data=params), guide_key)
     guide_trace = handlers.trace(seeded_guide).get_trace(*args, **kwargs)
@@ -63,9 +70,11 @@ def elbo_per_sequence(
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _batch_log_weights(params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig):
+def _batch_log_weights(
+    params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig, covariates: dict
+):
     """log p(x, z_s) - log q(z_s | x) for one guide draw z_s per key: [S, B]."""
-    return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config))(keys)
+    return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config, **covariates))(keys)
 
 
 class LogWeightStats:
@@ -124,7 +133,7 @@ ESTIMATORS = ("elbo", "is")
 def evaluate_split(
     params: Params,
     key: Array,
-    sequences: Sequence[np.ndarray] | PaddedSequences,
+    sequences: Sequence[np.ndarray] | PaddedSequences | SequenceArrays,
     config: DMMConfig,
     *,
     num_samples: int = 1,
@@ -153,12 +162,14 @@ def evaluate_split(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    data = sequences if isinstance(sequences, PaddedSequences) else PaddedSequences(sequences)
+    # Anything with ``batch``/``batch_covariates`` (PaddedSequences, SequenceArrays) is used as is.
+    data = sequences if hasattr(sequences, "batch_covariates") else PaddedSequences(sequences)
     chunk = min(sample_chunk, num_samples)
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
     for i, indices in enumerate(sorted_batches(data.lengths, batch_size)):
         x, lengths = data.batch(indices, batch_size)
         x, lengths = jnp.asarray(x), jnp.asarray(lengths)
+        covariates = jax.tree.map(jnp.asarray, data.batch_covariates(indices, batch_size))
         keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
         batch_stats = LogWeightStats(len(indices))
         for start in range(0, num_samples, chunk):
@@ -166,7 +177,7 @@ def evaluate_split(
             used = len(chunk_keys)
             if used < chunk:  # keep one compiled shape: pad with repeats, drop them after
                 chunk_keys = jnp.concatenate([chunk_keys, keys[: chunk - used]])
-            w = _batch_log_weights(params, chunk_keys, x, lengths, config)
+            w = _batch_log_weights(params, chunk_keys, x, lengths, config, covariates)
             batch_stats.update(np.asarray(w)[:used, : len(indices)])
         per_sequence["elbo"][indices] = batch_stats.elbo()
         per_sequence["elbo_var"][indices] = batch_stats.elbo_variance_of_mean()

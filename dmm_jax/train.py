@@ -38,9 +38,10 @@ from dmm_jax.checkpoint import (
     save_checkpoint,
 )
 from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import PaddedSequences, length_grouped_batches, shuffled_batches
 from dmm_jax.evaluate import evaluate_split
-from dmm_jax.model import guide, model
+from dmm_jax.model import example_covariates, guide, model
 
 Array = jax.Array
 
@@ -127,18 +128,25 @@ def build_svi(model_config: DMMConfig, train_config: TrainConfig) -> SVI:
     )
 
 
-def init_train_state(svi: SVI, seed: int, obs_dim: int) -> TrainState:
-    """Initial parameters and optimizer state from ``seed`` (shape-independent)."""
+def init_train_state(
+    svi: SVI, seed: int, obs_dim: int, covariates: dict[str, Array] | None = None
+) -> TrainState:
+    """Initial parameters and optimizer state from ``seed`` (shape-independent).
+
+    ``covariates``: example ``inputs``/``dt`` when the model takes them
+    (``dmm_jax.model.example_covariates``).
+    """
     svi_key, data_key, eval_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jnp.zeros((1, 1, obs_dim), jnp.float32)
-    svi_state = svi.init(svi_key, x, jnp.ones(1, jnp.int32), jnp.float32(1.0))
+    svi_state = svi.init(svi_key, x, jnp.ones(1, jnp.int32), jnp.float32(1.0), **(covariates or {}))
     return TrainState(svi_state, jnp.int32(0), data_key, eval_key)
 
 
 class UpdateStep:
     """``jax.jit(svi.update)``, compiled ahead of time once per batch shape.
 
-    Call: (svi_state, x [B, T, X], lengths [B], annealing_factor []) -> (svi_state, loss).
+    Call: (svi_state, x [B, T, X], lengths [B], annealing_factor [], **covariates) ->
+    (svi_state, loss); covariates are the model's optional ``inputs``/``dt``/``obs_mask``.
     Every new shape is lowered and compiled explicitly, so ``compiled_shapes`` and
     ``compile_seconds`` say exactly what compiled and what it cost; a call with a new
     annealing factor reuses the executable (it is a float32 array argument). The incoming
@@ -154,16 +162,18 @@ class UpdateStep:
     def compiled_shapes(self) -> list[tuple[int, ...]]:
         return list(self._executables)
 
-    def __call__(self, svi_state, x, lengths, annealing):
+    def __call__(self, svi_state, x, lengths, annealing, **covariates):
         annealing = jnp.asarray(annealing, jnp.float32)
         shape = tuple(x.shape)
         executable = self._executables.get(shape)
         if executable is None:
             start = time.perf_counter()
-            executable = self._jitted.lower(svi_state, x, lengths, annealing).compile()
+            executable = self._jitted.lower(
+                svi_state, x, lengths, annealing, **covariates
+            ).compile()
             self.compile_seconds[shape] = time.perf_counter() - start
             self._executables[shape] = executable
-        return executable(svi_state, x, lengths, annealing)
+        return executable(svi_state, x, lengths, annealing, **covariates)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -182,7 +192,10 @@ def load_run(checkpoint_dir: str | os.PathLike) -> LoadedRun:
     """Restores a run saved by ``fit``: parameters, full state, configs, history, metadata."""
     saved = read_checkpoint(checkpoint_dir)
     svi = build_svi(saved["model_config"], saved["train_config"])
-    template = init_train_state(svi, saved["train_config"].seed, saved["model_config"].obs_dim)
+    model_config = saved["model_config"]
+    template = init_train_state(
+        svi, saved["train_config"].seed, model_config.obs_dim, example_covariates(model_config)
+    )
     state = restore_state(template, saved["state"], saved["path"])
     return LoadedRun(
         svi.get_params(state.svi_state),
@@ -205,10 +218,21 @@ def _sequences(split: Any) -> Sequence[np.ndarray]:
     return split.sequences if hasattr(split, "sequences") else split
 
 
+def _batchable(split: Any, name: str, config: DMMConfig) -> Any:
+    """PaddedSequences of a music split; a SequenceArrays (real-valued) as it is."""
+    data = split if hasattr(split, "batch_covariates") else PaddedSequences(_sequences(split))
+    obs_dim = data.batch(np.arange(1), 1)[0].shape[-1]
+    if obs_dim != config.obs_dim:
+        raise ValueError(
+            f"{name} data has {obs_dim} dims per step, config.obs_dim is {config.obs_dim}"
+        )
+    return data
+
+
 def train_epoch(
     update: UpdateStep,
     state: TrainState,
-    data: PaddedSequences,
+    data: PaddedSequences | SequenceArrays,
     config: TrainConfig,
     *,
     progress: bool = False,
@@ -228,8 +252,9 @@ def train_epoch(
         tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
     ):
         x, lengths = data.batch(indices, config.batch_size)
+        covariates = data.batch_covariates(indices, config.batch_size)
         factor = annealing_factor(epoch, i, len(batches), config)
-        svi_state, loss = update(svi_state, x, lengths, factor)
+        svi_state, loss = update(svi_state, x, lengths, factor, **covariates)
         losses.append(loss)  # stays on device: no sync per batch
     total = float(jnp.sum(jnp.stack(losses)))
     return state._replace(svi_state=svi_state, epoch=jnp.int32(epoch + 1)), total, factor
@@ -253,7 +278,9 @@ def fit(
 
     Args:
         train, valid, test: splits, each a sequence of [length, X] 0/1 arrays (or an object
-            with ``.sequences``, such as ``dmm_jax.data.SequenceSplit``); valid/test optional.
+            with ``.sequences``, such as ``dmm_jax.data.SequenceSplit``), or real-valued
+            ``dmm_jax.data.arrays.SequenceArrays`` (with inputs, dt, missing entries);
+            valid/test optional.
         model_config, train_config: default to the reference's settings.
         checkpoint_dir: where to write an atomic checkpoint after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
@@ -268,14 +295,16 @@ def fit(
     model_config = model_config or DMMConfig()
     train_config = train_config or TrainConfig()
     say = log or (lambda line: None)
-    train_data = PaddedSequences(_sequences(train))
+    train_data = _batchable(train, "train", model_config)
     eval_sets = {
-        name: PaddedSequences(_sequences(split))
+        name: _batchable(split, name, model_config)
         for name, split in (("val", valid), ("test", test))
         if split is not None
     }
     svi = build_svi(model_config, train_config)
-    state = init_train_state(svi, train_config.seed, model_config.obs_dim)
+    state = init_train_state(
+        svi, train_config.seed, model_config.obs_dim, example_covariates(model_config)
+    )
     history: list[dict[str, Any]] = []
 
     if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():
