@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -120,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
             )
-        metadata = {"dataset": "arrays", "data": str(args.data)}
+        metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
     else:
         dataset = load_dataset(args.dataset, args.data)
         obs_dim, input_dim, use_dt = _DEFAULT_MODEL.obs_dim, 0, False
