@@ -20,6 +20,7 @@ from dmm_jax.data.synthetic import linear_gaussian_ssm, sample_linear_gaussian
 from dmm_jax.evaluate import elbo_per_sequence, evaluate_split
 from dmm_jax.kalman import dmm_params, kalman_log_likelihood
 from dmm_jax.model import example_covariates, guide, model
+from dmm_jax.nn import GaussianEmitter
 
 RTOL = 1e-5
 
@@ -34,7 +35,18 @@ def _init_params(config, x, lengths, **covariates):
 
 
 @pytest.mark.parametrize("scale", ["learned", "predicted", "fixed"])
-def test_missing_entries_contribute_nothing_and_gradients_stay_finite(scale):
+def test_gaussian_emitter_scales(scale):
+    emitter = GaussianEmitter(3, 8, "mlp", scale, scale_init=0.7)
+    z = jax.random.normal(jax.random.PRNGKey(0), (4, 2))
+    variables = emitter.init(jax.random.PRNGKey(1), z)
+    loc, sd = emitter.apply(variables, z)
+    assert loc.shape == sd.shape == (4, 3) and bool(jnp.all(sd > 0))
+    if scale != "predicted":  # learned starts at scale_init; fixed stays there
+        np.testing.assert_allclose(sd, 0.7, rtol=RTOL)
+    assert ("log_scale" in variables["params"]) == (scale == "learned")
+
+
+def test_missing_entries_contribute_nothing_and_gradients_stay_finite():
     config = DMMConfig(
         obs_dim=3,
         z_dim=2,
@@ -42,7 +54,7 @@ def test_missing_entries_contribute_nothing_and_gradients_stay_finite(scale):
         transition_dim=8,
         rnn_dim=8,
         emission="gaussian",
-        emission_scale=scale,
+        emission_scale="predicted",
         input_dim=2,
         use_dt=True,
     )
