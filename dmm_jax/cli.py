@@ -14,13 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from dmm_jax import distributed
 from dmm_jax.checkpoint import CheckpointError
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data import DATASETS, DataError, load_dataset
+from dmm_jax.data.arrays import load_arrays
 from dmm_jax.evaluate import evaluate_split
+from dmm_jax.nn import EMISSION_NETS, EMISSION_SCALES, EMISSIONS, TRANSITIONS
 from dmm_jax.train import fit, load_run
 
 _DEFAULT_MODEL = DMMConfig()
@@ -37,7 +40,8 @@ def _add_data_flags(parser: argparse.ArgumentParser, dataset_default: str | None
     parser.add_argument(
         "--data",
         default=None,
-        help="dataset file or directory (default: $DMM_JAX_DATA_DIR, the cache, then download)",
+        help="dataset file or directory (default: $DMM_JAX_DATA_DIR, the cache, then download); "
+        "a .npz file is real-valued arrays (see dmm_jax.data.arrays) and --dataset is ignored",
     )
 
 
@@ -85,6 +89,10 @@ def _mesh(args: argparse.Namespace) -> Mesh | None:
     return None if mesh.size == 1 else mesh
 
 
+def _is_arrays(data: str | None) -> bool:
+    return data is not None and data.endswith(".npz")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmm-jax", description="Deep Markov Models in JAX.")
     parser.add_argument(
@@ -129,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--transition-dim", type=int, default=m.transition_dim)
     train.add_argument("--rnn-dim", type=int, default=m.rnn_dim)
     train.add_argument("--rnn-cell", choices=("rnn", "gru", "lstm"), default=m.rnn_cell)
+    train.add_argument(
+        "--emission", choices=EMISSIONS, default=m.emission, help="gaussian: real-valued data"
+    )
+    train.add_argument("--emission-net", choices=EMISSION_NETS, default=m.emission_net)
+    train.add_argument("--emission-scale", choices=EMISSION_SCALES, default=m.emission_scale)
+    train.add_argument("--emission-scale-init", type=float, default=m.emission_scale_init)
+    train.add_argument("--transition", choices=TRANSITIONS, default=m.transition)
+    train.add_argument(
+        "--inputs-to-emission",
+        action="store_true",
+        help="the .npz data's inputs feed the emission too (they always feed the transition)",
+    )
     train.add_argument("--checkpoint-dir", default=None, help="atomic checkpoint after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
@@ -155,13 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("dmm-jax train: --resume needs --checkpoint-dir")
+    mesh = _mesh(args)  # first: a multi-process run must join before anything touches a device
+    if _is_arrays(args.data):
+        dataset = load_arrays(args.data)
+        train = dataset.train
+        obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None
+        binary = np.all(np.isnan(train.x) | (train.x == 0) | (train.x == 1))
+        if args.emission == "bernoulli" and not binary:
+            raise SystemExit(
+                f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
+            )
+        metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
+    else:
+        dataset = load_dataset(args.dataset, args.data)
+        obs_dim, input_dim, use_dt = _DEFAULT_MODEL.obs_dim, 0, False
+        metadata = {"dataset": dataset.name}
     try:
         model_config = DMMConfig(
+            obs_dim=obs_dim,
             z_dim=args.z_dim,
             emission_dim=args.emission_dim,
             transition_dim=args.transition_dim,
             rnn_dim=args.rnn_dim,
             rnn_cell=args.rnn_cell,
+            emission=args.emission,
+            emission_net=args.emission_net,
+            emission_scale=args.emission_scale,
+            emission_scale_init=args.emission_scale_init,
+            transition=args.transition,
+            input_dim=input_dim,
+            inputs_to_emission=args.inputs_to_emission,
+            use_dt=use_dt,
         )
         train_config = TrainConfig(
             epochs=args.epochs,
@@ -182,9 +226,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
-    mesh = _mesh(args)
     lead = jax.process_index() == 0  # in a multi-process run, only process 0 prints
-    dataset = load_dataset(args.dataset, args.data)
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     if lead:
         print(
@@ -204,7 +246,7 @@ def _train(args: argparse.Namespace) -> int:
         log_json=args.log_json,
         progress=lead and not args.no_progress,
         log=(lambda line: print(line, flush=True)) if lead else None,
-        metadata={"dataset": dataset.name},
+        metadata=metadata,
         mesh=mesh,
     )
     return 0
@@ -213,16 +255,24 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     mesh = _mesh(args)
     run = load_run(args.checkpoint)
-    name = args.dataset or run.metadata.get("dataset")
-    if name is None:
-        raise SystemExit(
-            "dmm-jax evaluate: the checkpoint does not name its dataset; pass --dataset"
-        )
-    dataset = load_dataset(name, args.data)
+    arrays_file = args.data if _is_arrays(args.data) else None
+    if arrays_file is None and args.dataset is None and run.metadata.get("dataset") == "arrays":
+        arrays_file = args.data or run.metadata.get("data")
+    if arrays_file is not None:
+        dataset = load_arrays(arrays_file)
+        split = dataset.split(args.split)
+    else:
+        name = args.dataset or run.metadata.get("dataset")
+        if name is None:
+            raise SystemExit(
+                "dmm-jax evaluate: the checkpoint does not name its dataset; pass --dataset"
+            )
+        dataset = load_dataset(name, args.data)
+        split = dataset.split(args.split).sequences
     result = evaluate_split(
         run.params,
         jax.random.PRNGKey(args.seed),
-        dataset.split(args.split).sequences,
+        split,
         run.model_config,
         num_samples=args.samples,
         estimator=args.estimator,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dmm_jax.nn import RNN_CELLS
+from dmm_jax.nn import EMISSION_NETS, EMISSION_SCALES, EMISSIONS, RNN_CELLS, TRANSITIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,20 @@ class DMMConfig:
     # Hand-written backward passes for the two recurrences (same values and gradients as
     # autodiff, faster); False falls back to autodiff of plain scans.
     custom_vjp: bool = True
+    # Observations: "bernoulli" (0/1, the reference's) or "gaussian" (real-valued, diagonal).
+    emission: str = "bernoulli"
+    # The emission's mean network: "mlp" (the reference's two hidden layers) or "linear"
+    # (x_t = H z_t + d, Gaussian only: a linear-Gaussian model can then hold its true parameters).
+    emission_net: str = "mlp"
+    # Gaussian emission scale: "learned" (one per dimension), "predicted" (from z_t) or "fixed".
+    emission_scale: str = "learned"
+    emission_scale_init: float = 1.0  # the fixed scale, or where the learned one starts
+    transition: str = "gated"  # "gated" (the reference's) or "linear": z_t = A z_{t-1} + B c_t + b
+    # Control inputs u [B, T, input_dim] (0: none) feed the transition, and the emission too
+    # with inputs_to_emission; use_dt feeds the time gaps dt [B, T] to the transition.
+    input_dim: int = 0
+    inputs_to_emission: bool = False
+    use_dt: bool = False
 
     def __post_init__(self):
         for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim"):
@@ -35,6 +49,32 @@ class DMMConfig:
             raise ValueError(
                 f"DMMConfig.rnn_cell must be one of {RNN_CELLS}, got {self.rnn_cell!r}"
             )
+        choices = {
+            "emission": EMISSIONS,
+            "emission_net": EMISSION_NETS,
+            "emission_scale": EMISSION_SCALES,
+            "transition": TRANSITIONS,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(
+                    f"DMMConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}"
+                )
+        if self.emission_net == "linear" and self.emission != "gaussian":
+            raise ValueError('DMMConfig.emission_net="linear" needs emission="gaussian"')
+        if not self.emission_scale_init > 0:
+            raise ValueError(
+                f"DMMConfig.emission_scale_init must be positive, got {self.emission_scale_init!r}"
+            )
+        if not isinstance(self.input_dim, int) or self.input_dim < 0:
+            raise ValueError(f"DMMConfig.input_dim must be an int >= 0, got {self.input_dim!r}")
+        if self.inputs_to_emission and self.input_dim == 0:
+            raise ValueError("DMMConfig.inputs_to_emission needs input_dim > 0")
+
+    @property
+    def covariate_dim(self) -> int:
+        """Width of what the transition sees besides z_{t-1}: the inputs, then dt."""
+        return self.input_dim + int(self.use_dt)
 
 
 @dataclasses.dataclass(frozen=True)

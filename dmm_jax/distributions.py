@@ -73,10 +73,13 @@ class MarkovGaussianChain(Distribution):
     """Prior p(z_{1:T}) = prod_t N(z_t; loc(z_{t-1}), scale(z_{t-1})) with z_0 fixed.
 
     Args:
-        transition: maps z_prev [..., Z] to (loc, scale), each [..., Z].
+        transition: maps z_prev [..., Z] (and covariates [..., C] when given) to (loc, scale),
+            each [..., Z].
         z_0: the chain's start, [Z].
         batch_size, num_steps: B and T.
         mask: [B, T], True for real steps (default: all real).
+        covariates: [B, T, C] or None; step t's transition sees covariates[:, t] (the control
+            applied and the time elapsed between steps t-1 and t).
     """
 
     arg_constraints: ClassVar[dict] = {}
@@ -90,29 +93,38 @@ class MarkovGaussianChain(Distribution):
         batch_size: int,
         num_steps: int,
         mask: Array | None = None,
+        covariates: Array | None = None,
     ):
         self.transition = transition
         self.z_0 = z_0
         self.mask = mask
+        self.covariates = covariates
         super().__init__(batch_shape=(batch_size,), event_shape=(num_steps, z_0.shape[-1]))
+
+    def _step_params(self, z_prev: Array, covariates: Array | None) -> tuple[Array, Array]:
+        if covariates is None:
+            return self.transition(z_prev)
+        return self.transition(z_prev, covariates)
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         if sample_shape:
             raise NotImplementedError("sample_shape is not supported; vmap over keys instead")
         (batch,), (num_steps, z_dim) = self.batch_shape, self.event_shape
         noise = step_noise(key, num_steps, (batch, z_dim))
+        covariates = None if self.covariates is None else _time_major(self.covariates)
 
-        def step(z_prev, eps_t):
-            loc, scale = self.transition(z_prev)
+        def step(z_prev, inputs):
+            eps_t, c_t = inputs
+            loc, scale = self._step_params(z_prev, c_t)
             z_t = loc + scale * eps_t
             return z_t, z_t
 
         z_start = jnp.broadcast_to(self.z_0, (batch, z_dim))
-        _, z = jax.lax.scan(step, z_start, noise)
+        _, z = jax.lax.scan(step, z_start, (noise, covariates))
         return _time_major(z)
 
     def log_prob(self, value: Array) -> Array:
-        loc, scale = self.transition(_shift_right(self.z_0, value))
+        loc, scale = self._step_params(_shift_right(self.z_0, value), self.covariates)
         return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
 
 

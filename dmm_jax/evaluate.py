@@ -20,6 +20,7 @@ from numpyro import handlers
 
 from dmm_jax import distributed
 from dmm_jax.config import DMMConfig
+from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import PaddedSequences, sorted_batches
 from dmm_jax.model import guide, model
 
@@ -44,15 +45,21 @@ def elbo_per_sequence(
     lengths: Array,
     config: DMMConfig,
     annealing_factor: Array | float = 1.0,
+    *,
+    inputs: Array | None = None,
+    dt: Array | None = None,
+    obs_mask: Array | None = None,
 ) -> Array:
     """One-sample ELBO of each sequence, [B]: log p(x, z) - log q(z | x) with z ~ q.
 
     Uses the same key convention as NumPyro's Trace_ELBO (the guide is seeded with the second
     half of ``split(key)``), so ``-sum(elbo_per_sequence(...))`` equals ``Trace_ELBO().loss``
-    for the same key. Padded rows (length 0) give exactly 0.
+    for the same key. Padded rows (length 0) give exactly 0. ``inputs``, ``dt`` and
+    ``obs_mask`` go to model and guide (see ``dmm_jax.model``).
     """
     _, guide_key = jax.random.split(key)
-    kwargs = {"config": config}
+    covariates = {"inputs": inputs, "dt": dt, "obs_mask": obs_mask}
+    kwargs = {"config": config, **{k: v for k, v in covariates.items() if v is not None}}
     args = (x, lengths, annealing_factor)
     seeded_guide = handlers.seed(handlers.substitute(guide, data=params), guide_key)
     guide_trace = handlers.trace(seeded_guide).get_trace(*args, **kwargs)
@@ -64,9 +71,11 @@ def elbo_per_sequence(
     return log_p - log_q
 
 
-def _log_weights(params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig):
+def _log_weights(
+    params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig, covariates: dict
+):
     """log p(x, z_s) - log q(z_s | x) for one guide draw z_s per key: [S, B]."""
-    return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config))(keys)
+    return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config, **covariates))(keys)
 
 
 _batch_log_weights = jax.jit(_log_weights, static_argnames=("config",))
@@ -137,7 +146,7 @@ ESTIMATORS = ("elbo", "is")
 def evaluate_split(
     params: Params,
     key: Array,
-    sequences: Sequence[np.ndarray] | PaddedSequences,
+    sequences: Sequence[np.ndarray] | PaddedSequences | SequenceArrays,
     config: DMMConfig,
     *,
     num_samples: int = 1,
@@ -170,7 +179,8 @@ def evaluate_split(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    data = sequences if isinstance(sequences, PaddedSequences) else PaddedSequences(sequences)
+    # Anything with ``batch``/``batch_covariates`` (PaddedSequences, SequenceArrays) is used as is.
+    data = sequences if hasattr(sequences, "batch_covariates") else PaddedSequences(sequences)
     chunk = min(sample_chunk, num_samples)
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
     log_weights = _batch_log_weights
@@ -182,6 +192,9 @@ def evaluate_split(
             x, lengths = jnp.asarray(x), jnp.asarray(lengths)
         else:  # each process reads only the rows its devices hold
             x, lengths = distributed.global_batch(data, indices, batch_size, mesh)
+        covariates = jax.tree.map(jnp.asarray, data.batch_covariates(indices, batch_size))
+        if mesh is not None and covariates:
+            raise NotImplementedError("sharded evaluation does not take inputs or dt yet")
         keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
         batch_stats = LogWeightStats(len(indices))
         for start in range(0, num_samples, chunk):
@@ -191,7 +204,7 @@ def evaluate_split(
                 chunk_keys = jnp.concatenate([chunk_keys, keys[: chunk - used]])
             if mesh is not None:
                 chunk_keys = distributed.replicate(chunk_keys, mesh)
-            w = log_weights(params, chunk_keys, x, lengths, config)
+            w = log_weights(params, chunk_keys, x, lengths, config, covariates)
             batch_stats.update(np.asarray(w)[:used, : len(indices)])
         per_sequence["elbo"][indices] = batch_stats.elbo()
         per_sequence["elbo_var"][indices] = batch_stats.elbo_variance_of_mean()

@@ -20,6 +20,11 @@ Array = jax.Array
 
 
 def _networks(params: dict, config: DMMConfig):
+    if config.emission != "bernoulli" or config.transition != "gated" or config.covariate_dim:
+        raise NotImplementedError(
+            "dmm_jax.generate samples and forecasts Bernoulli models with the gated transition "
+            "and no inputs or time gaps only"
+        )
     transition = functools.partial(
         GatedTransition(config.z_dim, config.transition_dim).apply,
         {"params": params["transition$params"]},

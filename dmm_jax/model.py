@@ -1,12 +1,20 @@
 """The NumPyro model p(x, z) and guide q(z | x) of the Deep Markov Model.
 
-Both take a padded mini-batch: ``x`` [B, T, X] (0/1 piano rolls, float) and ``lengths`` [B]
-(int; steps t >= lengths[b] are padding and contribute exactly zero). ``annealing_factor`` is
-an array scaling the z terms of model and guide alike (KL annealing); as a traced argument a
-new value never recompiles.
+Both take a padded mini-batch: ``x`` [B, T, X] (0/1 piano rolls or real values, float) and
+``lengths`` [B] (int; steps t >= lengths[b] are padding and contribute exactly zero).
+``annealing_factor`` is an array scaling the z terms of model and guide alike (KL annealing);
+as a traced argument a new value never recompiles. Optional keyword arguments:
 
-    model:  z_t ~ N(GatedTransition(z_{t-1})),           x_t ~ Bernoulli(logits=Emitter(z_t))
-    guide:  h_{1:T} = BackwardEncoder(x),                 z_t ~ N(Combiner(z_{t-1}, h_t))
+    inputs    [B, T, U]  control inputs; inputs[:, t] acts between steps t-1 and t (u_{t-1})
+    dt        [B, T]     time gaps; dt[:, t] is the time from step t-1 to step t
+    obs_mask  [B, T, X]  False where an entry is missing; NaN entries of x are missing too
+
+    model:  z_t ~ N(Transition(z_{t-1}, c_t)),  x_t ~ Bernoulli(logits=Emitter(z_t)) or
+                                                x_t ~ N(Emitter(z_t))     (c_t = [u_t, dt_t])
+    guide:  h_{1:T} = BackwardEncoder([x, c]),   z_t ~ N(Combiner(z_{t-1}, h_t))
+
+A missing entry contributes nothing to log p(x | z) and is fed to the encoder as 0; it is
+zero-filled before any arithmetic, so no NaN reaches a value or a gradient.
 
 Each trajectory z_{1:T} is one event of the sample site "z" (see ``dmm_jax.distributions``):
 the guide samples it with a scan, the model scores it in one batched op. The plate runs over
@@ -26,7 +34,14 @@ from numpyro.contrib.module import flax_module
 
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain, StructuredPosterior
-from dmm_jax.nn import BackwardEncoder, BernoulliEmitter, Combiner, GatedTransition
+from dmm_jax.nn import (
+    BackwardEncoder,
+    BernoulliEmitter,
+    Combiner,
+    GatedTransition,
+    GaussianEmitter,
+    LinearTransition,
+)
 
 Array = jax.Array
 
@@ -36,36 +51,134 @@ def sequence_mask(lengths: Array, num_steps: int) -> Array:
     return jnp.arange(num_steps)[None, :] < lengths[:, None]
 
 
-def model(x: Array, lengths: Array, annealing_factor: Array | float = 1.0, *, config: DMMConfig):
+def observed_entries(x: Array, obs_mask: Array | None = None) -> tuple[Array, Array]:
+    """(x with missing entries set to 0, [B, T, X] boolean True where observed).
+
+    An entry is missing where it is NaN or where ``obs_mask`` is False. The fill comes first,
+    so later arithmetic never touches a NaN (and the gradient of a masked term stays 0).
+    """
+    present = ~jnp.isnan(x)
+    if obs_mask is not None:
+        present = present & obs_mask.astype(bool)
+    return jnp.where(present, x, 0.0), present
+
+
+def transition_covariates(
+    config: DMMConfig, batch: int, num_steps: int, inputs: Array | None, dt: Array | None
+) -> Array | None:
+    """[B, T, C] = [inputs, dt] as the config asks for them, or None; names what is missing."""
+    parts = []
+    if config.input_dim:
+        if inputs is None:
+            raise ValueError(f"config.input_dim={config.input_dim} needs inputs [B, T, U]")
+        if inputs.shape != (batch, num_steps, config.input_dim):
+            raise ValueError(
+                f"inputs must have shape {(batch, num_steps, config.input_dim)}, got {inputs.shape}"
+            )
+        parts.append(jnp.asarray(inputs, jnp.float32))
+    elif inputs is not None:
+        raise ValueError("inputs given but config.input_dim is 0")
+    if config.use_dt:
+        if dt is None or dt.shape != (batch, num_steps):
+            got = None if dt is None else dt.shape
+            raise ValueError(f"config.use_dt needs dt of shape {(batch, num_steps)}, got {got}")
+        parts.append(jnp.asarray(dt, jnp.float32)[..., None])
+    elif dt is not None:
+        raise ValueError("dt given but config.use_dt is False")
+    return jnp.concatenate(parts, axis=-1) if parts else None
+
+
+def example_covariates(config: DMMConfig) -> dict[str, Array]:
+    """Zero ``inputs``/``dt`` of one step of one sequence, for initialising parameters."""
+    example = {}
+    if config.input_dim:
+        example["inputs"] = jnp.zeros((1, 1, config.input_dim), jnp.float32)
+    if config.use_dt:
+        example["dt"] = jnp.zeros((1, 1), jnp.float32)
+    return example
+
+
+def _transition_module(config: DMMConfig):
+    if config.transition == "linear":
+        return LinearTransition(config.z_dim)
+    return GatedTransition(config.z_dim, config.transition_dim)
+
+
+def _emitter_module(config: DMMConfig):
+    if config.emission == "gaussian":
+        return GaussianEmitter(
+            config.obs_dim,
+            config.emission_dim,
+            config.emission_net,
+            config.emission_scale,
+            config.emission_scale_init,
+        )
+    return BernoulliEmitter(config.obs_dim, config.emission_dim)
+
+
+def model(
+    x: Array,
+    lengths: Array,
+    annealing_factor: Array | float = 1.0,
+    *,
+    config: DMMConfig,
+    inputs: Array | None = None,
+    dt: Array | None = None,
+    obs_mask: Array | None = None,
+):
     """p(x_{1:T}, z_{1:T}) for each sequence of the batch; returns the latents z [B, T, Z]."""
     batch, num_steps, _ = x.shape
+    covariates = transition_covariates(config, batch, num_steps, inputs, dt)
+    cov_example = () if covariates is None else (jnp.zeros((1, config.covariate_dim)),)
     transition = flax_module(
-        "transition",
-        GatedTransition(config.z_dim, config.transition_dim),
-        input_shape=(1, config.z_dim),
+        "transition", _transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
     )
-    emitter = flax_module(
-        "emitter",
-        BernoulliEmitter(config.obs_dim, config.emission_dim),
-        input_shape=(1, config.z_dim),
-    )
+    emission_in_dim = config.z_dim + (config.input_dim if config.inputs_to_emission else 0)
+    emitter = flax_module("emitter", _emitter_module(config), input_shape=(1, emission_in_dim))
     z_0 = numpyro.param("z_0", jnp.zeros(config.z_dim))
     mask = sequence_mask(lengths, num_steps)
+    x, present = observed_entries(x, obs_mask)
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
-            z = numpyro.sample("z", MarkovGaussianChain(transition, z_0, batch, num_steps, mask))
-        emission = dist.Bernoulli(logits=emitter(z)).to_event(1).mask(mask).to_event(1)
+            z = numpyro.sample(
+                "z", MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates)
+            )
+        emission_in = z
+        if config.inputs_to_emission:
+            emission_in = jnp.concatenate([z, jnp.asarray(inputs, z.dtype)], axis=-1)
+        if config.emission == "gaussian":
+            per_entry = dist.Normal(*emitter(emission_in))
+        else:
+            per_entry = dist.Bernoulli(logits=emitter(emission_in))
+        emission = per_entry.mask(present).to_event(1).mask(mask).to_event(1)
         numpyro.sample("x", emission, obs=x)
     return z
 
 
-def guide(x: Array, lengths: Array, annealing_factor: Array | float = 1.0, *, config: DMMConfig):
-    """q(z_{1:T} | x_{1:T}), the structured ST-R guide; returns the latents z [B, T, Z]."""
+def guide(
+    x: Array,
+    lengths: Array,
+    annealing_factor: Array | float = 1.0,
+    *,
+    config: DMMConfig,
+    inputs: Array | None = None,
+    dt: Array | None = None,
+    obs_mask: Array | None = None,
+):
+    """q(z_{1:T} | x_{1:T}), the structured ST-R guide; returns the latents z [B, T, Z].
+
+    The encoder reads [x_t, c_t] (missing entries of x as 0), so h_t summarises the
+    observations and covariates of steps t..T.
+    """
     batch, num_steps, _ = x.shape
+    covariates = transition_covariates(config, batch, num_steps, inputs, dt)
+    x, _ = observed_entries(x, obs_mask)
+    if covariates is not None:
+        x = jnp.concatenate([x, covariates], axis=-1)
     encoder = flax_module(
         "encoder",
         BackwardEncoder(config.rnn_dim, config.rnn_cell, config.custom_vjp),
-        jnp.zeros((1, 1, config.obs_dim)),
+        jnp.zeros((1, 1, config.obs_dim + config.covariate_dim)),
         jnp.ones((1, 1), dtype=bool),
     )
     combiner = flax_module(

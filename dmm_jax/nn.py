@@ -26,6 +26,10 @@ Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
 
 RNN_CELLS = ("rnn", "gru", "lstm")
+TRANSITIONS = ("gated", "linear")
+EMISSIONS = ("bernoulli", "gaussian")
+EMISSION_NETS = ("mlp", "linear")
+EMISSION_SCALES = ("learned", "predicted", "fixed")
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
@@ -68,18 +72,21 @@ class GatedTransition(nn.Module):
         loc      = (1 - gate) * (W_l z_{t-1} + b_l) + gate * proposed
         scale    = softplus(W_s relu(proposed))
 
-    W_l starts as the identity and b_l as zero, so an untrained chain drifts slowly.
+    W_l starts as the identity and b_l as zero, so an untrained chain drifts slowly. Given
+    covariates c_t (control inputs, time gaps), the gate and the proposed mean see
+    [z_{t-1}, c_t] instead of z_{t-1} (the deep Kalman filter's G(z_{t-1}, u_{t-1}, dt)).
     """
 
     z_dim: int
     transition_dim: int
 
     @nn.compact
-    def __call__(self, z_prev: Array) -> tuple[Array, Array]:
-        """z_prev [..., Z] -> (loc, scale), each [..., Z]."""
-        gate_hidden = nn.relu(Linear(self.transition_dim, name="gate_z_to_hidden")(z_prev))
+    def __call__(self, z_prev: Array, covariates: Array | None = None) -> tuple[Array, Array]:
+        """z_prev [..., Z], covariates [..., C] or None -> (loc, scale), each [..., Z]."""
+        net_in = z_prev if covariates is None else jnp.concatenate([z_prev, covariates], -1)
+        gate_hidden = nn.relu(Linear(self.transition_dim, name="gate_z_to_hidden")(net_in))
         gate = nn.sigmoid(Linear(self.z_dim, name="gate_hidden_to_z")(gate_hidden))
-        mean_hidden = nn.relu(Linear(self.transition_dim, name="proposed_z_to_hidden")(z_prev))
+        mean_hidden = nn.relu(Linear(self.transition_dim, name="proposed_z_to_hidden")(net_in))
         proposed_mean = Linear(self.z_dim, name="proposed_hidden_to_z")(mean_hidden)
         linear_loc = Linear(
             self.z_dim, kernel_init=_identity_init, bias_init=nn.initializers.zeros, name="z_to_loc"
@@ -87,6 +94,66 @@ class GatedTransition(nn.Module):
         loc = (1.0 - gate) * linear_loc + gate * proposed_mean
         scale = nn.softplus(Linear(self.z_dim, name="proposed_to_scale")(nn.relu(proposed_mean)))
         return loc, scale
+
+
+class LinearTransition(nn.Module):
+    """Linear-Gaussian transition p(z_t | z_{t-1}) = N(A z_{t-1} + B c_t + b, diag(s^2)).
+
+    A starts as the identity, b as zero, s = exp(log_scale) as one; c_t are the covariates
+    (inputs, time gaps) when given. With these parameters set to a linear-Gaussian SSM's, the
+    DMM is that SSM exactly (``dmm_jax.kalman`` computes its likelihood).
+    """
+
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, z_prev: Array, covariates: Array | None = None) -> tuple[Array, Array]:
+        """z_prev [..., Z], covariates [..., C] or None -> (loc, scale), each [..., Z]."""
+        loc = Linear(
+            self.z_dim, kernel_init=_identity_init, bias_init=nn.initializers.zeros, name="z_to_loc"
+        )(z_prev)
+        if covariates is not None:
+            bound = 1.0 / math.sqrt(covariates.shape[-1])
+            kernel = self.param(
+                "covariates_to_loc", uniform_init(bound), (covariates.shape[-1], self.z_dim)
+            )
+            loc = loc + covariates @ kernel
+        log_scale = self.param("log_scale", nn.initializers.zeros, (self.z_dim,))
+        return loc, jnp.broadcast_to(jnp.exp(log_scale), loc.shape)
+
+
+class GaussianEmitter(nn.Module):
+    """p(x_t | z_t) = N(x_t; loc, diag(scale^2)) for real-valued observations.
+
+        loc   = MLP(z_t) (two ReLU layers, as the Bernoulli emitter's) or H z_t + d ("linear")
+        scale = exp(log_scale) per dimension ("learned", starting at scale_init), or
+                softplus(W h + b) from the last hidden layer ("predicted"), or scale_init ("fixed")
+
+    The input may be [z_t, u_t] when the control inputs feed the emission.
+    """
+
+    obs_dim: int
+    emission_dim: int
+    network: str = "mlp"
+    scale: str = "learned"
+    scale_init: float = 1.0
+
+    @nn.compact
+    def __call__(self, z: Array) -> tuple[Array, Array]:
+        """z [..., Z] -> (loc, scale), each [..., X]."""
+        h = z
+        if self.network == "mlp":
+            h = nn.relu(Linear(self.emission_dim, name="z_to_hidden")(h))
+            h = nn.relu(Linear(self.emission_dim, name="hidden_to_hidden")(h))
+        loc = Linear(self.obs_dim, name="hidden_to_loc")(h)
+        if self.scale == "predicted":
+            scale = nn.softplus(Linear(self.obs_dim, name="hidden_to_scale")(h))
+        elif self.scale == "learned":
+            init = nn.initializers.constant(math.log(self.scale_init))
+            scale = jnp.exp(self.param("log_scale", init, (self.obs_dim,)))
+        else:
+            scale = jnp.asarray(self.scale_init, loc.dtype)
+        return loc, jnp.broadcast_to(scale, loc.shape)
 
 
 class BernoulliEmitter(nn.Module):

@@ -41,9 +41,10 @@ from dmm_jax.checkpoint import (
     save_checkpoint,
 )
 from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import PaddedSequences, length_grouped_batches, shuffled_batches
 from dmm_jax.evaluate import evaluate_split
-from dmm_jax.model import guide, model
+from dmm_jax.model import example_covariates, guide, model
 
 Array = jax.Array
 
@@ -130,11 +131,17 @@ def build_svi(model_config: DMMConfig, train_config: TrainConfig) -> SVI:
     )
 
 
-def init_train_state(svi: SVI, seed: int, obs_dim: int) -> TrainState:
-    """Initial parameters and optimizer state from ``seed`` (shape-independent)."""
+def init_train_state(
+    svi: SVI, seed: int, obs_dim: int, covariates: dict[str, Array] | None = None
+) -> TrainState:
+    """Initial parameters and optimizer state from ``seed`` (shape-independent).
+
+    ``covariates``: example ``inputs``/``dt`` when the model takes them
+    (``dmm_jax.model.example_covariates``).
+    """
     svi_key, data_key, eval_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jnp.zeros((1, 1, obs_dim), jnp.float32)
-    svi_state = svi.init(svi_key, x, jnp.ones(1, jnp.int32), jnp.float32(1.0))
+    svi_state = svi.init(svi_key, x, jnp.ones(1, jnp.int32), jnp.float32(1.0), **(covariates or {}))
     return TrainState(svi_state, jnp.int32(0), data_key, eval_key)
 
 
@@ -150,7 +157,7 @@ def microbatch_count(batch_size: int, num_steps: int, microbatch_steps: int) -> 
 
 
 def microbatched_update(
-    svi: SVI, num_microbatches: int, svi_state: SVIState, x, lengths, annealing
+    svi: SVI, num_microbatches: int, svi_state: SVIState, x, lengths, annealing, **covariates
 ):
     """``svi.update`` with the batch's loss and gradient summed over ``num_microbatches`` groups
     of its sequences, each differentiated on its own inside a scan.
@@ -164,14 +171,13 @@ def microbatched_update(
     params = svi.optim.get_params(svi_state.optim_state)
 
     def accumulate(total, microbatch):
-        index, x_m, lengths_m = microbatch
+        index, x_m, lengths_m, covariates_m = microbatch
 
         def loss_fn(p):
             key = jax.random.fold_in(step_key, index)
             args = (x_m, lengths_m, annealing)
-            return svi.loss.loss(
-                key, svi.constrain_fn(p), svi.model, svi.guide, *args, **svi.static_kwargs
-            )
+            kwargs = {**covariates_m, **svi.static_kwargs}
+            return svi.loss.loss(key, svi.constrain_fn(p), svi.model, svi.guide, *args, **kwargs)
 
         loss_and_grads = jax.value_and_grad(loss_fn)(params)
         return jax.tree.map(jnp.add, total, loss_and_grads), None
@@ -180,6 +186,7 @@ def microbatched_update(
         jnp.arange(num_microbatches),
         x.reshape(num_microbatches, -1, *x.shape[1:]),
         lengths.reshape(num_microbatches, -1),
+        {k: v.reshape(num_microbatches, -1, *v.shape[1:]) for k, v in covariates.items()},
     )
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
@@ -190,7 +197,8 @@ def microbatched_update(
 class UpdateStep:
     """``jax.jit(svi.update)``, compiled ahead of time once per batch shape.
 
-    Call: (svi_state, x [B, T, X], lengths [B], annealing_factor []) -> (svi_state, loss).
+    Call: (svi_state, x [B, T, X], lengths [B], annealing_factor [], **covariates) ->
+    (svi_state, loss); covariates are the model's optional ``inputs``/``dt``/``obs_mask``.
     Every new shape is lowered and compiled explicitly, so ``compiled_shapes`` and
     ``compile_seconds`` (wall time, all shapes) say exactly what compiled and what it cost; a
     call with a new annealing factor reuses the executable (it is a float32 array argument).
@@ -230,25 +238,30 @@ class UpdateStep:
     def compiled_shapes(self) -> list[tuple[int, ...]]:
         return list(self._executables)
 
-    def compile(self, svi_state: SVIState, shapes: Iterable[tuple[int, ...]]) -> None:
-        """Compiles every shape [B, T, X] of ``shapes`` not compiled yet, concurrently."""
-        if self.mesh is not None:
-            shapes = [(distributed.padded_batch_size(s[0], self.mesh), *s[1:]) for s in shapes]
-        missing = [s for s in dict.fromkeys(map(tuple, shapes)) if s not in self._executables]
-        if not missing:
+    def compile(self, svi_state: SVIState, batches: Iterable[tuple[Any, Any, dict]]) -> None:
+        """Compiles, concurrently, every batch shape not compiled yet.
+
+        ``batches``: example (x, lengths, covariates) triples (arrays or ``ShapeDtypeStruct``s;
+        covariates as passed to ``__call__``), one per shape; only their shapes matter.
+        """
+        specs = {}
+        for x, lengths, covariates in batches:
+            x, lengths, covariates = jax.tree.map(_spec, (x, lengths, dict(covariates)))
+            if self.mesh is not None:
+                rows = distributed.padded_batch_size(x.shape[0], self.mesh)
+                x = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
+                lengths = jax.ShapeDtypeStruct((rows,), lengths.dtype)
+            if tuple(x.shape) not in self._executables:
+                specs.setdefault(tuple(x.shape), (x, lengths, covariates))
+        if not specs:
             return
         start = time.perf_counter()
         if self.mesh is not None:
             svi_state = distributed.replicate(svi_state, self.mesh)
         annealing = jax.ShapeDtypeStruct((), jnp.float32)
         lowered = [
-            self._jitted_for(shape).lower(
-                svi_state,
-                jax.ShapeDtypeStruct(shape, jnp.float32),
-                jax.ShapeDtypeStruct(shape[:1], jnp.int32),
-                annealing,
-            )
-            for shape in missing
+            self._jitted_for(shape).lower(svi_state, x, lengths, annealing, **covariates)
+            for shape, (x, lengths, covariates) in specs.items()
         ]
         workers = min(len(lowered), self._max_workers)
         if workers == 1:
@@ -256,7 +269,7 @@ class UpdateStep:
         else:
             with ThreadPoolExecutor(workers) as pool:
                 executables = list(pool.map(lambda low: low.compile(), lowered))
-        self._executables.update(zip(missing, executables))
+        self._executables.update(zip(specs, executables))
         self.compile_seconds += time.perf_counter() - start
 
     def _jitted_for(self, shape: tuple[int, ...]):
@@ -266,16 +279,25 @@ class UpdateStep:
             self._jitted[count] = jax.jit(update, donate_argnums=0, **self._shardings)
         return self._jitted[count]
 
-    def __call__(self, svi_state, x, lengths, annealing):
+    def __call__(self, svi_state, x, lengths, annealing, **covariates):
         if self.mesh is not None:
+            if covariates:
+                raise NotImplementedError(
+                    "data-parallel training does not take inputs or dt yet; use one device"
+                )
             svi_state, annealing = distributed.replicate(
                 (svi_state, np.float32(annealing)), self.mesh
             )
             x, lengths = distributed.shard_batch(x, lengths, self.mesh)
         shape = tuple(x.shape)
         if shape not in self._executables:
-            self.compile(svi_state, [shape])
-        return self._executables[shape](svi_state, x, lengths, jnp.asarray(annealing, jnp.float32))
+            self.compile(svi_state, [(x, lengths, covariates)])
+        annealing = jnp.asarray(annealing, jnp.float32)
+        return self._executables[shape](svi_state, x, lengths, annealing, **covariates)
+
+
+def _spec(array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(array), array.dtype)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -294,7 +316,10 @@ def load_run(checkpoint_dir: str | os.PathLike) -> LoadedRun:
     """Restores a run saved by ``fit``: parameters, full state, configs, history, metadata."""
     saved = read_checkpoint(checkpoint_dir)
     svi = build_svi(saved["model_config"], saved["train_config"])
-    template = init_train_state(svi, saved["train_config"].seed, saved["model_config"].obs_dim)
+    model_config = saved["model_config"]
+    template = init_train_state(
+        svi, saved["train_config"].seed, model_config.obs_dim, example_covariates(model_config)
+    )
     state = restore_state(template, saved["state"], saved["path"])
     return LoadedRun(
         svi.get_params(state.svi_state),
@@ -317,10 +342,21 @@ def _sequences(split: Any) -> Sequence[np.ndarray]:
     return split.sequences if hasattr(split, "sequences") else split
 
 
+def _batchable(split: Any, name: str, config: DMMConfig) -> Any:
+    """PaddedSequences of a music split; a SequenceArrays (real-valued) as it is."""
+    data = split if hasattr(split, "batch_covariates") else PaddedSequences(_sequences(split))
+    obs_dim = data.batch(np.arange(1), 1)[0].shape[-1]
+    if obs_dim != config.obs_dim:
+        raise ValueError(
+            f"{name} data has {obs_dim} dims per step, config.obs_dim is {config.obs_dim}"
+        )
+    return data
+
+
 def train_epoch(
     update: UpdateStep,
     state: TrainState,
-    data: PaddedSequences,
+    data: PaddedSequences | SequenceArrays,
     config: TrainConfig,
     *,
     progress: bool = False,
@@ -335,8 +371,18 @@ def train_epoch(
         batches = length_grouped_batches(epoch_key, data.lengths, config.batch_size)
     else:
         batches = shuffled_batches(epoch_key, len(data), config.batch_size)
+    one_per_shape = {}
+    for indices in batches:
+        one_per_shape.setdefault(data.padded_shape(indices, config.batch_size), indices)
     update.compile(
-        state.svi_state, [data.padded_shape(indices, config.batch_size) for indices in batches]
+        state.svi_state,
+        [
+            (
+                *data.batch(indices, config.batch_size),
+                data.batch_covariates(indices, config.batch_size),
+            )
+            for indices in one_per_shape.values()
+        ],
     )
     svi_state, losses, factor = state.svi_state, [], 1.0
     for i, indices in enumerate(
@@ -346,8 +392,9 @@ def train_epoch(
             x, lengths = data.batch(indices, config.batch_size)
         else:  # each process reads only the rows its devices hold
             x, lengths = distributed.global_batch(data, indices, config.batch_size, update.mesh)
+        covariates = data.batch_covariates(indices, config.batch_size)
         factor = annealing_factor(epoch, i, len(batches), config)
-        svi_state, loss = update(svi_state, x, lengths, factor)
+        svi_state, loss = update(svi_state, x, lengths, factor, **covariates)
         losses.append(loss)  # stays on device: no sync per batch
     total = float(jnp.sum(jnp.stack(losses)))
     return state._replace(svi_state=svi_state, epoch=jnp.int32(epoch + 1)), total, factor
@@ -372,7 +419,9 @@ def fit(
 
     Args:
         train, valid, test: splits, each a sequence of [length, X] 0/1 arrays (or an object
-            with ``.sequences``, such as ``dmm_jax.data.SequenceSplit``); valid/test optional.
+            with ``.sequences``, such as ``dmm_jax.data.SequenceSplit``), or real-valued
+            ``dmm_jax.data.arrays.SequenceArrays`` (with inputs, dt, missing entries);
+            valid/test optional.
         model_config, train_config: default to the reference's settings.
         checkpoint_dir: where to write an atomic checkpoint after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
@@ -390,14 +439,16 @@ def fit(
     model_config = model_config or DMMConfig()
     train_config = train_config or TrainConfig()
     say = log or (lambda line: None)
-    train_data = PaddedSequences(_sequences(train))
+    train_data = _batchable(train, "train", model_config)
     eval_sets = {
-        name: PaddedSequences(_sequences(split))
+        name: _batchable(split, name, model_config)
         for name, split in (("val", valid), ("test", test))
         if split is not None
     }
     svi = build_svi(model_config, train_config)
-    state = init_train_state(svi, train_config.seed, model_config.obs_dim)
+    state = init_train_state(
+        svi, train_config.seed, model_config.obs_dim, example_covariates(model_config)
+    )
     history: list[dict[str, Any]] = []
 
     if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():

@@ -72,6 +72,11 @@ class PaddedSequences:
         x[: len(indices), :stop] = self.dense[indices, :stop]
         return x, lengths
 
+    def batch_covariates(self, indices: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        """Piano rolls carry no inputs or time gaps (see ``dmm_jax.data.arrays``)."""
+        del indices, batch_size
+        return {}
+
 
 def shuffled_batches(key: Array, num_sequences: int, batch_size: int) -> list[np.ndarray]:
     """A random partition of range(num_sequences) into consecutive chunks of batch_size."""
