@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import jax
 
 from dmm_jax.checkpoint import CheckpointError
-from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.config import (
+    ANNEALING_SCHEDULES,
+    GUIDES,
+    KL_ESTIMATORS,
+    LR_SCHEDULES,
+    DMMConfig,
+    TrainConfig,
+)
 from dmm_jax.data import DATASETS, DataError, load_dataset
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.train import fit, load_run
@@ -56,6 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--annealing-epochs", type=int, default=t.annealing_epochs)
     train.add_argument("--minimum-annealing-factor", type=float, default=t.minimum_annealing_factor)
     train.add_argument(
+        "--annealing-schedule",
+        choices=ANNEALING_SCHEDULES,
+        default=t.annealing_schedule,
+        help="shape of the KL annealing ramp over --annealing-epochs",
+    )
+    train.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=t.lr_schedule,
+        help="exponential: lr * lr_decay^step (the reference); cosine: to 0 over all epochs",
+    )
+    train.add_argument(
+        "--kl",
+        choices=KL_ESTIMATORS,
+        default=t.kl,
+        help="sampled: log p(z) - log q(z) at the draw (the reference); analytic: closed-form "
+        "KL per step given the drawn z_{t-1} (the paper; not with --num-iafs)",
+    )
+    train.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=t.early_stopping_patience,
+        help="stop after this many evaluations (--eval-every) without a better validation "
+        "bound, keeping the best state in best.msgpack of --checkpoint-dir; 0: never",
+    )
+    train.add_argument(
         "--length-bucketing",
         action="store_true",
         help="random mini-batches of similar-length sequences (less padding, faster epochs)",
@@ -67,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--transition-dim", type=int, default=m.transition_dim)
     train.add_argument("--rnn-dim", type=int, default=m.rnn_dim)
     train.add_argument("--rnn-cell", choices=("rnn", "gru", "lstm"), default=m.rnn_cell)
+    train.add_argument(
+        "--guide", choices=GUIDES, default=m.guide, help="inference network (paper, Table 1)"
+    )
+    train.add_argument("--num-iafs", type=int, default=m.num_iafs, help="IAF layers on q(z_t)")
+    train.add_argument("--iaf-dim", type=int, default=m.iaf_dim, help="hidden units per IAF")
     train.add_argument("--checkpoint-dir", default=None, help="atomic checkpoint after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
@@ -75,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="-ELBO per time step of a trained checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
     _add_data_flags(evaluate, None)
+    evaluate.add_argument(
+        "--best",
+        action="store_true",
+        help="evaluate best.msgpack (best validation bound, kept by early stopping)",
+    )
     evaluate.add_argument("--split", choices=("train", "valid", "test"), default="test")
     evaluate.add_argument("--samples", type=int, default=1, help="guide draws per sequence")
     evaluate.add_argument(
@@ -98,6 +141,9 @@ def _train(args: argparse.Namespace) -> int:
             transition_dim=args.transition_dim,
             rnn_dim=args.rnn_dim,
             rnn_cell=args.rnn_cell,
+            guide=args.guide,
+            num_iafs=args.num_iafs,
+            iaf_dim=args.iaf_dim,
         )
         train_config = TrainConfig(
             epochs=args.epochs,
@@ -114,7 +160,13 @@ def _train(args: argparse.Namespace) -> int:
             length_bucketing=args.length_bucketing,
             eval_every=args.eval_every,
             eval_samples=args.eval_samples,
+            kl=args.kl,
+            lr_schedule=args.lr_schedule,
+            annealing_schedule=args.annealing_schedule,
+            early_stopping_patience=args.early_stopping_patience,
         )
+        if train_config.kl == "analytic" and model_config.num_iafs:
+            raise ValueError("--kl analytic is not available with --num-iafs > 0 (use sampled)")
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
     dataset = load_dataset(args.dataset, args.data)
@@ -140,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, best=args.best)
     name = args.dataset or run.metadata.get("dataset")
     if name is None:
         raise SystemExit(
@@ -160,6 +212,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "dataset": dataset.name,
         "split": args.split,
         "checkpoint": str(args.checkpoint),
+        "best": args.best,
         "epochs_trained": int(run.state.epoch),
         **result,
     }
