@@ -2,8 +2,9 @@
 
 A DMM's latent chain is sequential only when it is *sampled*: given a trajectory z_{1:T},
 every factor p(z_t | z_{t-1}) or q(z_t | z_{t-1}, h_t) can be scored for all t at once. So
-each distribution below samples with ``jax.lax.scan`` and scores with one batched op on the
-shifted trajectory [z_0, z_1, ..., z_{T-1}].
+the chains below sample with ``jax.lax.scan`` and score with one batched op on the shifted
+trajectory [z_0, z_1, ..., z_{T-1}]; the mean-field guide, with no z_{t-1} dependence, also
+samples in one batched op.
 
 Shapes: batch_shape (B,), event_shape (T, Z): one trajectory per sequence is one event.
 ``log_prob`` returns [B], the sum over real steps (``mask`` [B, T]; padded steps contribute
