@@ -349,7 +349,9 @@ def fit(
         state, history = saved.state, saved.history
         say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
-    patience = train_config.early_stopping_patience if "val" in eval_sets else 0
+    patience = train_config.early_stopping_patience
+    if patience and "val" not in eval_sets:
+        raise ValueError("TrainConfig.early_stopping_patience needs a validation split (valid)")
     stopper = EarlyStopping(patience, history)
     update = UpdateStep(svi)
     with contextlib.ExitStack() as stack:
