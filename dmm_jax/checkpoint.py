@@ -1,6 +1,7 @@
 """Atomic checkpoints: parameters, optimizer state, PRNG state, epoch, configs and history.
 
-One msgpack file per checkpoint directory (``checkpoint.msgpack``). It is written to a
+One msgpack file per checkpoint directory (``checkpoint.msgpack``; with early stopping also
+``best.msgpack``, the state of the best validation bound). It is written to a
 temporary file in the same directory, flushed to disk and renamed over the old one, so a
 crash mid-write leaves the previous checkpoint intact and never a file that loads wrong.
 """
@@ -20,6 +21,7 @@ from flax import serialization
 from dmm_jax.config import DMMConfig, TrainConfig, config_from_dict, config_to_dict
 
 CHECKPOINT_FILE = "checkpoint.msgpack"
+BEST_FILE = "best.msgpack"
 FORMAT_VERSION = 1
 
 
@@ -27,8 +29,8 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not match what it is restored into."""
 
 
-def checkpoint_path(directory: str | os.PathLike) -> Path:
-    return Path(directory) / CHECKPOINT_FILE
+def checkpoint_path(directory: str | os.PathLike, filename: str = CHECKPOINT_FILE) -> Path:
+    return Path(directory) / filename
 
 
 def save_checkpoint(
@@ -39,10 +41,12 @@ def save_checkpoint(
     train_config: TrainConfig,
     history: list[dict[str, Any]],
     metadata: dict[str, Any] | None = None,
+    filename: str = CHECKPOINT_FILE,
 ) -> Path:
     """Atomically writes ``train_state`` (any pytree flax can serialize) with its configs.
 
     ``metadata`` is any JSON-serializable dict (e.g. the dataset name) kept alongside.
+    ``filename``: ``CHECKPOINT_FILE`` (the latest state) or ``BEST_FILE``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,8 +59,8 @@ def save_checkpoint(
         "state": serialization.to_state_dict(train_state),
     }
     data = serialization.msgpack_serialize(payload)
-    target = checkpoint_path(directory)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=directory)
+    target = checkpoint_path(directory, filename)
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -74,9 +78,11 @@ def save_checkpoint(
     return target
 
 
-def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(
+    directory: str | os.PathLike, filename: str = CHECKPOINT_FILE
+) -> dict[str, Any]:
     """Reads a checkpoint: configs as dataclasses, history as a list, state as a raw dict."""
-    path = checkpoint_path(directory)
+    path = checkpoint_path(directory, filename)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

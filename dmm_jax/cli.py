@@ -19,7 +19,14 @@ from jax.sharding import Mesh
 
 from dmm_jax import distributed
 from dmm_jax.checkpoint import CheckpointError
-from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.config import (
+    ANNEALING_SCHEDULES,
+    GUIDES,
+    KL_ESTIMATORS,
+    LR_SCHEDULES,
+    DMMConfig,
+    TrainConfig,
+)
 from dmm_jax.data import DATASETS, DataError, load_dataset
 from dmm_jax.data.arrays import load_arrays
 from dmm_jax.evaluate import evaluate_split
@@ -119,6 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--annealing-epochs", type=int, default=t.annealing_epochs)
     train.add_argument("--minimum-annealing-factor", type=float, default=t.minimum_annealing_factor)
     train.add_argument(
+        "--annealing-schedule",
+        choices=ANNEALING_SCHEDULES,
+        default=t.annealing_schedule,
+        help="shape of the KL annealing ramp over --annealing-epochs",
+    )
+    train.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=t.lr_schedule,
+        help="exponential: lr * lr_decay^step (the reference); cosine: to 0 over all epochs",
+    )
+    train.add_argument(
+        "--kl",
+        choices=KL_ESTIMATORS,
+        default=t.kl,
+        help="sampled: log p(z) - log q(z) at the draw (the reference); analytic: closed-form "
+        "KL per step given the drawn z_{t-1} (the paper; not with --num-iafs)",
+    )
+    train.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=t.early_stopping_patience,
+        help="stop after this many evaluations (--eval-every) without a better validation "
+        "bound, keeping the best state in best.msgpack of --checkpoint-dir; 0: never",
+    )
+    train.add_argument(
         "--length-bucketing",
         action="store_true",
         help="random mini-batches of similar-length sequences (less padding, faster epochs)",
@@ -149,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the .npz data's inputs feed the emission too (they always feed the transition)",
     )
+    train.add_argument(
+        "--guide", choices=GUIDES, default=m.guide, help="inference network (paper, Table 1)"
+    )
+    train.add_argument("--num-iafs", type=int, default=m.num_iafs, help="IAF layers on q(z_t)")
+    train.add_argument("--iaf-dim", type=int, default=m.iaf_dim, help="hidden units per IAF")
     train.add_argument("--checkpoint-dir", default=None, help="atomic checkpoint after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
@@ -158,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="-ELBO per time step of a trained checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
     _add_data_flags(evaluate, None)
+    evaluate.add_argument(
+        "--best",
+        action="store_true",
+        help="evaluate best.msgpack (best validation bound, kept by early stopping)",
+    )
     evaluate.add_argument("--split", choices=("train", "valid", "test"), default="test")
     evaluate.add_argument("--samples", type=int, default=1, help="guide draws per sequence")
     evaluate.add_argument(
@@ -175,7 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("dmm-jax train: --resume needs --checkpoint-dir")
-    mesh = _mesh(args)  # first: a multi-process run must join before anything touches a device
+    try:  # settings first: a wrong flag is reported before any data is read
+        train_config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            beta1=args.beta1,
+            beta2=args.beta2,
+            clip_norm=args.clip_norm,
+            lr_decay=args.lr_decay,
+            weight_decay=args.weight_decay,
+            annealing_epochs=args.annealing_epochs,
+            minimum_annealing_factor=args.minimum_annealing_factor,
+            seed=args.seed,
+            length_bucketing=args.length_bucketing,
+            microbatch_steps=args.microbatch_steps,
+            eval_every=args.eval_every,
+            eval_samples=args.eval_samples,
+            kl=args.kl,
+            lr_schedule=args.lr_schedule,
+            annealing_schedule=args.annealing_schedule,
+            early_stopping_patience=args.early_stopping_patience,
+        )
+        if train_config.kl == "analytic" and args.num_iafs:
+            raise ValueError("--kl analytic is not available with --num-iafs > 0 (use sampled)")
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax train: {err}") from err
+    mesh = _mesh(args)  # a multi-process run must join before anything touches a device
     if _is_arrays(args.data):
         dataset = load_arrays(args.data)
         train = dataset.train
@@ -206,23 +275,9 @@ def _train(args: argparse.Namespace) -> int:
             input_dim=input_dim,
             inputs_to_emission=args.inputs_to_emission,
             use_dt=use_dt,
-        )
-        train_config = TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            beta1=args.beta1,
-            beta2=args.beta2,
-            clip_norm=args.clip_norm,
-            lr_decay=args.lr_decay,
-            weight_decay=args.weight_decay,
-            annealing_epochs=args.annealing_epochs,
-            minimum_annealing_factor=args.minimum_annealing_factor,
-            seed=args.seed,
-            length_bucketing=args.length_bucketing,
-            microbatch_steps=args.microbatch_steps,
-            eval_every=args.eval_every,
-            eval_samples=args.eval_samples,
+            guide=args.guide,
+            num_iafs=args.num_iafs,
+            iaf_dim=args.iaf_dim,
         )
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
@@ -254,7 +309,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     mesh = _mesh(args)
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, best=args.best)
     arrays_file = args.data if _is_arrays(args.data) else None
     if arrays_file is None and args.dataset is None and run.metadata.get("dataset") == "arrays":
         arrays_file = args.data or run.metadata.get("data")
@@ -283,6 +338,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "dataset": dataset.name,
         "split": args.split,
         "checkpoint": str(args.checkpoint),
+        "best": args.best,
         "epochs_trained": int(run.state.epoch),
         **result,
     }

@@ -11,6 +11,13 @@ from typing import Any
 
 from dmm_jax.nn import EMISSION_NETS, EMISSION_SCALES, EMISSIONS, RNN_CELLS, TRANSITIONS
 
+# The paper's inference networks (Krishnan et al. 2017, Table 1): structured (ST, conditioned on
+# z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
+GUIDES = ("st-r", "st-l", "st-lr", "mf-l", "mf-lr")
+KL_ESTIMATORS = ("sampled", "analytic")
+LR_SCHEDULES = ("exponential", "constant", "cosine")
+ANNEALING_SCHEDULES = ("linear", "cosine")
+
 
 @dataclasses.dataclass(frozen=True)
 class DMMConfig:
@@ -39,9 +46,15 @@ class DMMConfig:
     input_dim: int = 0
     inputs_to_emission: bool = False
     use_dt: bool = False
+    # The inference network (see GUIDES); "st-r" is the reference's (DKS).
+    guide: str = "st-r"
+    # Inverse autoregressive flows on every q(z_t | ...), each a MADE with iaf_dim hidden units
+    # (the reference's num_iafs / iaf_dim).
+    num_iafs: int = 0
+    iaf_dim: int = 50
 
     def __post_init__(self):
-        for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim"):
+        for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim", "iaf_dim"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DMMConfig.{field} must be a positive int, got {value!r}")
@@ -70,6 +83,10 @@ class DMMConfig:
             raise ValueError(f"DMMConfig.input_dim must be an int >= 0, got {self.input_dim!r}")
         if self.inputs_to_emission and self.input_dim == 0:
             raise ValueError("DMMConfig.inputs_to_emission needs input_dim > 0")
+        if self.guide not in GUIDES:
+            raise ValueError(f"DMMConfig.guide must be one of {GUIDES}, got {self.guide!r}")
+        if not isinstance(self.num_iafs, int) or self.num_iafs < 0:
+            raise ValueError(f"DMMConfig.num_iafs must be an int >= 0, got {self.num_iafs!r}")
 
     @property
     def covariate_dim(self) -> int:
@@ -83,8 +100,15 @@ class TrainConfig:
 
     The optimizer is Pyro's ClippedAdam: each gradient element clipped to +-clip_norm, L2
     weight decay added to the gradient, Adam(beta1, beta2, eps), and the learning rate
-    multiplied by lr_decay after every step. The KL term is scaled by an annealing factor that
-    rises linearly from minimum_annealing_factor to 1 over annealing_epochs, per mini-batch.
+    multiplied by lr_decay after every step (lr_schedule "exponential"; "constant" keeps it,
+    "cosine" decays it to 0 along a half cosine over all epochs). The KL term is scaled by an
+    annealing factor that rises from minimum_annealing_factor to 1 over annealing_epochs, per
+    mini-batch: linearly ("linear", the reference's) or along a half cosine ("cosine").
+
+    kl: "sampled" estimates log p(z) - log q(z) from the guide's draw (the reference);
+    "analytic" uses sum_t KL(q(z_t | ...) || p(z_t | z_{t-1})) in closed form given the drawn
+    z_{t-1} (the paper; not with flows). early_stopping_patience: stop after this many
+    evaluations (every eval_every epochs) without a better validation bound; 0 never stops.
     """
 
     epochs: int = 5000
@@ -109,6 +133,10 @@ class TrainConfig:
     eval_every: int = 0  # evaluate validation and test every K epochs (0: only at the end)
     eval_samples: int = 1
     eval_batch_size: int = 64
+    kl: str = "sampled"
+    lr_schedule: str = "exponential"
+    annealing_schedule: str = "linear"
+    early_stopping_patience: int = 0
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "learning_rate", "eval_samples", "eval_batch_size")
@@ -117,19 +145,35 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{field} must be positive, got {getattr(self, field)!r}"
                 )
-        for field in (
+        choices = (
+            ("kl", KL_ESTIMATORS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("annealing_schedule", ANNEALING_SCHEDULES),
+        )
+        for field, allowed in choices:
+            if getattr(self, field) not in allowed:
+                raise ValueError(
+                    f"TrainConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}"
+                )
+        nonnegative = (
             "annealing_epochs",
             "eval_every",
             "clip_norm",
             "weight_decay",
             "microbatch_steps",
-        ):
+            "early_stopping_patience",
+        )
+        for field in nonnegative:
             if getattr(self, field) < 0:
                 raise ValueError(f"TrainConfig.{field} must be >= 0, got {getattr(self, field)!r}")
         if not 0.0 < self.minimum_annealing_factor <= 1.0:
             raise ValueError("TrainConfig.minimum_annealing_factor must be in (0, 1]")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("TrainConfig.lr_decay must be in (0, 1]")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError(
+                "TrainConfig.early_stopping_patience needs eval_every > 0 (it counts evaluations)"
+            )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 A DMM's latent chain is sequential only when it is *sampled*: given a trajectory z_{1:T},
 every factor p(z_t | z_{t-1}) or q(z_t | z_{t-1}, h_t) can be scored for all t at once. So
-each distribution below samples with ``jax.lax.scan`` and scores with one batched op on the
-shifted trajectory [z_0, z_1, ..., z_{T-1}].
+the chains below sample with ``jax.lax.scan`` and score with one batched op on the shifted
+trajectory [z_0, z_1, ..., z_{T-1}]; the mean-field guide, with no z_{t-1} dependence, also
+samples in one batched op.
 
 Shapes: batch_shape (B,), event_shape (T, Z): one trajectory per sequence is one event.
 ``log_prob`` returns [B], the sum over real steps (``mask`` [B, T]; padded steps contribute
@@ -50,6 +51,15 @@ def standardized_normal_log_prob(eps: Array, scale: Array) -> Array:
     subnormal on CPU) that quotient is 0/0 and poisons the gradient.
     """
     return jnp.sum(-0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI, axis=-1)
+
+
+def gaussian_kl(loc_q: Array, scale_q: Array, loc_p: Array, scale_p: Array) -> Array:
+    """KL(N(loc_q, diag scale_q^2) || N(loc_p, diag scale_p^2)) summed over the last axis:
+
+    sum_i log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2.
+    """
+    ratio = (scale_q / scale_p) ** 2 + ((loc_q - loc_p) / scale_p) ** 2
+    return jnp.sum(jnp.log(scale_p) - jnp.log(scale_q) + 0.5 * (ratio - 1.0), axis=-1)
 
 
 def _shift_right(first: Array, z: Array) -> Array:
@@ -124,8 +134,20 @@ class MarkovGaussianChain(Distribution):
         return _time_major(z)
 
     def log_prob(self, value: Array) -> Array:
-        loc, scale = self._step_params(_shift_right(self.z_0, value), self.covariates)
+        loc, scale = self.step_params(value)
         return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
+
+    def step_params(self, value: Array) -> tuple[Array, Array]:
+        """(loc, scale) of p(z_t | z_{t-1}) at the trajectory ``value``, each [B, T, Z]."""
+        return self._step_params(_shift_right(self.z_0, value), self.covariates)
+
+    def kl_from(self, posterior: Distribution, value: Array, intermediates: list[Array]) -> Array:
+        """sum_t KL(q(z_t | z_{<t}, x) || p(z_t | z_{t-1})) per sequence, [B], in closed form
+        given the posterior's draw ``value`` (and its sample intermediates), for a posterior
+        whose steps are diagonal Gaussians (no flow)."""
+        loc_q, scale_q = posterior.step_params(value, intermediates)
+        loc_p, scale_p = self.step_params(value)
+        return _masked_sum(gaussian_kl(loc_q, scale_q, loc_p, scale_p), self.mask)
 
 
 class StructuredPosterior(Distribution):
@@ -141,9 +163,14 @@ class StructuredPosterior(Distribution):
         trajectory: optional fast sampler (z_start [B, Z], hidden, noise [B, T, Z]) ->
             (z, scale), each [B, T, Z], equal to scanning ``combiner`` (e.g.
             ``Combiner.sample_trajectory``); default: a plain scan of ``combiner``.
+        flow: optional invertible map of each step's Gaussian draw, base [..., Z] ->
+            (z [..., Z], log|det| [...]) (e.g. ``InverseAutoregressiveFlow``); the flowed z_t
+            is what the next step conditions on, and log q(z_t) = log N(base) - log|det|.
+            With a flow, sampling is a plain scan (``trajectory`` is not used).
 
-    ``sample_with_intermediates`` returns the standardized noise and the scales it used, and
-    ``log_prob`` scores a draw through them (see ``standardized_normal_log_prob``).
+    ``sample_with_intermediates`` returns the standardized noise and the scales it used (and
+    the flow's log-determinants), and ``log_prob`` scores a draw through them (see
+    ``standardized_normal_log_prob``).
     """
 
     arg_constraints: ClassVar[dict] = {}
@@ -157,9 +184,11 @@ class StructuredPosterior(Distribution):
         hidden: Array,
         mask: Array | None = None,
         trajectory: Callable[[Array, Array, Array], tuple[Array, Array]] | None = None,
+        flow: Callable[[Array], tuple[Array, Array]] | None = None,
     ):
         self.combiner = combiner
         self.trajectory = trajectory
+        self.flow = flow
         self.z_q_0 = z_q_0
         self.hidden = hidden
         self.mask = mask
@@ -174,6 +203,8 @@ class StructuredPosterior(Distribution):
         (batch,), (num_steps, z_dim) = self.batch_shape, self.event_shape
         noise = _time_major(step_noise(key, num_steps, (batch, z_dim)))
         z_start = jnp.broadcast_to(self.z_q_0, (batch, z_dim))
+        if self.flow is not None:
+            return self._sample_flowed(z_start, noise)
         if self.trajectory is not None:
             z, scale = self.trajectory(z_start, self.hidden, noise)
             return z, [noise, scale]
@@ -187,12 +218,106 @@ class StructuredPosterior(Distribution):
         _, (z, scale) = jax.lax.scan(step, z_start, (_time_major(self.hidden), _time_major(noise)))
         return _time_major(z), [noise, _time_major(scale)]
 
+    def _sample_flowed(self, z_start: Array, noise: Array) -> tuple[Array, list[Array]]:
+        def step(z_prev, inputs):
+            h_t, eps_t = inputs
+            loc, scale = self.combiner(z_prev, h_t)
+            z_t, log_det = self.flow(loc + scale * eps_t)
+            return z_t, (z_t, scale, log_det)
+
+        inputs = (_time_major(self.hidden), _time_major(noise))
+        _, (z, scale, log_det) = jax.lax.scan(step, z_start, inputs)
+        return _time_major(z), [noise, _time_major(scale), _time_major(log_det)]
+
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         return self.sample_with_intermediates(key, sample_shape)[0]
 
     def log_prob(self, value: Array, intermediates: list[Array] | None = None) -> Array:
         if intermediates:
-            eps, scale = intermediates
-            return _masked_sum(standardized_normal_log_prob(eps, scale), self.mask)
+            return _log_prob_from_noise(intermediates, self.mask)
+        if self.flow is not None:
+            raise NotImplementedError(
+                "log_prob of a flowed guide needs the sample intermediates (the flow is not "
+                "inverted); score draws from sample_with_intermediates"
+            )
         loc, scale = self.combiner(_shift_right(self.z_q_0, value), self.hidden)
         return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
+
+    def step_params(self, value: Array, intermediates: list[Array]) -> tuple[Array, Array]:
+        """(loc, scale) of each step q(z_t | z_{t-1}, x) of a draw without flow, [B, T, Z]."""
+        return _step_params(value, intermediates, self.flow)
+
+
+def _log_prob_from_noise(intermediates: list[Array], mask: Array | None) -> Array:
+    """log q of a draw from its standardized noise, scales and (if flowed) log-determinants."""
+    eps, scale, *log_det = intermediates
+    log_prob = standardized_normal_log_prob(eps, scale)
+    if log_det:
+        log_prob = log_prob - log_det[0]
+    return _masked_sum(log_prob, mask)
+
+
+def _step_params(value: Array, intermediates: list[Array], flow) -> tuple[Array, Array]:
+    if flow is not None:
+        raise ValueError("a flowed guide's steps are not Gaussian: no closed-form KL")
+    eps, scale = intermediates
+    # value = loc + scale * eps, so this is loc in value and in gradient.
+    return value - scale * eps, scale
+
+
+class MeanFieldPosterior(Distribution):
+    """Mean-field guide q(z_{1:T} | x) = prod_t N(z_t; loc_t, scale_t), loc and scale functions
+    of x only (MF-L: x_{1:t}; MF-LR: x_{1:T}); drawn in one batched op, no scan.
+
+    Args:
+        loc, scale: [B, T, Z].
+        mask: [B, T], True for real steps (default: all real).
+        flow: as in ``StructuredPosterior``, applied to every step at once.
+    """
+
+    arg_constraints: ClassVar[dict] = {}
+    support = constraints.real_vector
+    reparametrized_params: ClassVar[list] = []
+
+    def __init__(
+        self,
+        loc: Array,
+        scale: Array,
+        mask: Array | None = None,
+        flow: Callable[[Array], tuple[Array, Array]] | None = None,
+    ):
+        self.loc, self.scale, self.mask, self.flow = loc, scale, mask, flow
+        super().__init__(batch_shape=loc.shape[:1], event_shape=loc.shape[1:])
+
+    def sample_with_intermediates(
+        self, key: Array, sample_shape: tuple[int, ...] = ()
+    ) -> tuple[Array, list[Array]]:
+        if sample_shape:
+            raise NotImplementedError("sample_shape is not supported; vmap over keys instead")
+        (batch,), (num_steps, z_dim) = self.batch_shape, self.event_shape
+        noise = _time_major(step_noise(key, num_steps, (batch, z_dim)))
+        z = self.loc + self.scale * noise
+        if self.flow is None:
+            return z, [noise, self.scale]
+        z, log_det = self.flow(z)
+        return z, [noise, self.scale, log_det]
+
+    def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        return self.sample_with_intermediates(key, sample_shape)[0]
+
+    def log_prob(self, value: Array, intermediates: list[Array] | None = None) -> Array:
+        if intermediates:
+            return _log_prob_from_noise(intermediates, self.mask)
+        if self.flow is not None:
+            raise NotImplementedError(
+                "log_prob of a flowed guide needs the sample intermediates (the flow is not "
+                "inverted); score draws from sample_with_intermediates"
+            )
+        return _masked_sum(normal_log_prob(value, self.loc, self.scale), self.mask)
+
+    def step_params(self, value: Array, intermediates: list[Array]) -> tuple[Array, Array]:
+        """(loc, scale) of each step q(z_t | x), [B, T, Z] (no flow)."""
+        del value, intermediates
+        if self.flow is not None:
+            raise ValueError("a flowed guide's steps are not Gaussian: no closed-form KL")
+        return self.loc, self.scale

@@ -16,6 +16,19 @@ as a traced argument a new value never recompiles. Optional keyword arguments:
 A missing entry contributes nothing to log p(x | z) and is fed to the encoder as 0; it is
 zero-filled before any arithmetic, so no NaN reaches a value or a gradient.
 
+The guide is the paper's ST-R (DKS) by default; ``DMMConfig.guide`` picks another of its
+inference networks (Krishnan et al. 2017, Table 1), with h^L_t = ForwardEncoder(x)_t over
+x_{1:t} and h^R_t = BackwardEncoder(x)_t over x_{t:T}:
+
+    st-r:   z_t ~ N(Combiner(z_{t-1}, h^R_t)),  c = (tanh(W z_{t-1} + b) + h^R_t) / 2
+    st-l:   z_t ~ N(Combiner(z_{t-1}, h^L_t)),  c = (tanh(W z_{t-1} + b) + h^L_t) / 2
+    st-lr:  z_t ~ N(Combiner(z_{t-1}, h^L_t + h^R_t)),  c = (tanh(W z_{t-1} + b) + h^L_t + h^R_t) / 3
+    mf-l:   z_t ~ N(GaussianHead(h^L_t))
+    mf-lr:  z_t ~ N(GaussianHead((h^L_t + h^R_t) / 2))
+
+With ``num_iafs`` > 0 each step's Gaussian draw is pushed through inverse autoregressive
+flows before the next step conditions on it.
+
 Each trajectory z_{1:T} is one event of the sample site "z" (see ``dmm_jax.distributions``):
 the guide samples it with a scan, the model scores it in one batched op. The plate runs over
 sequences only; time lives in the event shape, since steps are not independent.
@@ -33,13 +46,16 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 from dmm_jax.config import DMMConfig
-from dmm_jax.distributions import MarkovGaussianChain, StructuredPosterior
+from dmm_jax.distributions import MarkovGaussianChain, MeanFieldPosterior, StructuredPosterior
 from dmm_jax.nn import (
     BackwardEncoder,
     BernoulliEmitter,
     Combiner,
+    ForwardEncoder,
     GatedTransition,
     GaussianEmitter,
+    GaussianHead,
+    InverseAutoregressiveFlow,
     LinearTransition,
 )
 
@@ -165,32 +181,69 @@ def guide(
     dt: Array | None = None,
     obs_mask: Array | None = None,
 ):
-    """q(z_{1:T} | x_{1:T}), the structured ST-R guide; returns the latents z [B, T, Z].
+    """q(z_{1:T} | x_{1:T}), the inference network ``config.guide``; returns z [B, T, Z].
 
-    The encoder reads [x_t, c_t] (missing entries of x as 0), so h_t summarises the
-    observations and covariates of steps t..T.
+    The encoders read [x_t, c_t] (missing entries of x as 0), so their states summarise the
+    observations and covariates of steps t..T (right), 1..t (left), or both.
     """
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
     x, _ = observed_entries(x, obs_mask)
     if covariates is not None:
         x = jnp.concatenate([x, covariates], axis=-1)
-    encoder = flax_module(
-        "encoder",
-        BackwardEncoder(config.rnn_dim, config.rnn_cell, config.custom_vjp),
-        jnp.zeros((1, 1, config.obs_dim + config.covariate_dim)),
-        jnp.ones((1, 1), dtype=bool),
-    )
-    combiner = flax_module(
-        "combiner",
-        Combiner(config.z_dim, config.rnn_dim, config.custom_vjp),
-        jnp.zeros((1, config.z_dim)),
-        jnp.zeros((1, config.rnn_dim)),
-    )
-    z_q_0 = numpyro.param("z_q_0", jnp.zeros(config.z_dim))
+    z_dim, rnn_dim = config.z_dim, config.rnn_dim
+    uses_right = config.guide in ("st-r", "st-lr", "mf-lr")
+    uses_left = config.guide in ("st-l", "st-lr", "mf-l", "mf-lr")
+    structured = config.guide.startswith("st")
+    x_init = jnp.zeros((1, 1, config.obs_dim + config.covariate_dim))
+    mask_init = jnp.ones((1, 1), dtype=bool)
+    # Registration order is fixed (it decides the initial parameters drawn from the key):
+    # ST-R registers exactly what it always has, in the same order.
+    if uses_right:
+        encoder = flax_module(
+            "encoder",
+            BackwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp),
+            x_init,
+            mask_init,
+        )
+    if uses_left:
+        encoder_left = flax_module(
+            "encoder_left",
+            ForwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp),
+            x_init,
+            mask_init,
+        )
+    if structured:
+        mix = 1.0 / 3.0 if config.guide == "st-lr" else 0.5
+        combiner = flax_module(
+            "combiner",
+            Combiner(z_dim, rnn_dim, config.custom_vjp, mix),
+            jnp.zeros((1, z_dim)),
+            jnp.zeros((1, rnn_dim)),
+        )
+        z_q_0 = numpyro.param("z_q_0", jnp.zeros(z_dim))
+    else:
+        head = flax_module("head", GaussianHead(z_dim), input_shape=(1, rnn_dim))
+    flow = None
+    if config.num_iafs:
+        flow = flax_module(
+            "iaf",
+            InverseAutoregressiveFlow(z_dim, config.num_iafs, config.iaf_dim),
+            input_shape=(1, z_dim),
+        )
+
     mask = sequence_mask(lengths, num_steps)
-    hidden = encoder(x, mask)
-    trajectory = functools.partial(combiner, method="sample_trajectory")
-    posterior = StructuredPosterior(combiner, z_q_0, hidden, mask, trajectory)
+    states = []  # h^L_t and/or h^R_t, [B, T, H] each
+    if uses_left:
+        states.append(encoder_left(x, mask))
+    if uses_right:
+        states.append(encoder(x, mask))
+    hidden = states[0] if len(states) == 1 else states[0] + states[1]
+    if structured:
+        trajectory = functools.partial(combiner, method="sample_trajectory")
+        posterior = StructuredPosterior(combiner, z_q_0, hidden, mask, trajectory, flow)
+    else:
+        loc, scale = head(0.5 * hidden if config.guide == "mf-lr" else hidden)
+        posterior = MeanFieldPosterior(loc, scale, mask, flow)
     with numpyro.plate("sequences", batch), handlers.scale(scale=annealing_factor):
         return numpyro.sample("z", posterior)

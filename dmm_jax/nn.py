@@ -175,9 +175,9 @@ class BernoulliEmitter(nn.Module):
 
 
 class Combiner(nn.Module):
-    """Guide step q(z_t | z_{t-1}, x_{t:T}) = N(loc, diag(scale^2)).
+    """Guide step q(z_t | z_{t-1}, x) = N(loc, diag(scale^2)) of the structured guides.
 
-        c     = (tanh(z_{t-1} W_z + b_z) + h_rnn_t) / 2
+        c     = mix * (tanh(z_{t-1} W_z + b_z) + h_rnn_t)       (mix = 1/2: ST-R, ST-L)
         loc   = c W_loc + b_loc
         scale = softplus(c W_scale + b_scale)
 
@@ -189,6 +189,9 @@ class Combiner(nn.Module):
     z_dim: int
     rnn_dim: int
     custom_vjp: bool = True
+    # c = mix * (tanh(...) + h): 1/2 for one RNN direction, 1/3 for ST-LR, whose h is the sum
+    # h_left + h_right, so that c is the paper's average of the three terms.
+    mix: float = 0.5
 
     def setup(self):
         z_init = uniform_init(1.0 / math.sqrt(self.z_dim))
@@ -202,7 +205,7 @@ class Combiner(nn.Module):
 
     def __call__(self, z_prev: Array, h_rnn: Array) -> tuple[Array, Array]:
         """z_prev [..., Z], h_rnn [..., H] -> (loc, scale), each [..., Z]."""
-        c = 0.5 * (jnp.tanh(z_prev @ self.w_z + self.b_z) + h_rnn)
+        c = self.mix * (jnp.tanh(z_prev @ self.w_z + self.b_z) + h_rnn)
         return c @ self.w_loc + self.b_loc, nn.softplus(c @ self.w_scale + self.b_scale)
 
     def sample_trajectory(self, z_start: Array, hidden: Array, noise: Array) -> tuple[Array, Array]:
@@ -214,7 +217,9 @@ class Combiner(nn.Module):
         if self.custom_vjp:
             w_out = jnp.concatenate([self.w_loc, self.w_scale], axis=1)
             b_out = jnp.concatenate([self.b_loc, self.b_scale])
-            z, scale = combiner_scan(z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out)
+            z, scale = combiner_scan(
+                z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out, self.mix
+            )
         else:
 
             def step(z_prev, inputs):
@@ -277,6 +282,115 @@ class BackwardEncoder(nn.Module):
 
         _, outputs = jax.lax.scan(step, carry, (x_proj, keep), reverse=True)
         return jnp.swapaxes(outputs, 0, 1)
+
+
+class ForwardEncoder(nn.Module):
+    """Recurrent net run forward in time: h_t summarises x_{1:t}.
+
+    A ``BackwardEncoder`` run on the time-reversed batch: reversing the whole padded array
+    puts each sequence's padding first in processing order, where it leaves the state at h_0,
+    so real steps never see padding and padded steps hold the last real state (masked later).
+    """
+
+    rnn_dim: int
+    cell: str = "rnn"
+    custom_vjp: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        """x [B, T, X], mask [B, T] -> hidden states [B, T, H]."""
+        rnn = BackwardEncoder(self.rnn_dim, self.cell, self.custom_vjp, name="rnn")
+        return jnp.flip(rnn(jnp.flip(x, axis=1), jnp.flip(mask, axis=1)), axis=1)
+
+
+class GaussianHead(nn.Module):
+    """Mean-field guide step q(z_t | x) = N(h_t W_loc + b_loc, softplus(h_t W_scale + b_scale)).
+
+    h_t is the RNN state for MF-L (x_{1:t}) or the average of both directions for MF-LR
+    (x_{1:T}); no z_{t-1} enters, so all steps are computed in one batched op.
+    """
+
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, h: Array) -> tuple[Array, Array]:
+        """h [..., H] -> (loc, scale), each [..., Z]."""
+        loc = Linear(self.z_dim, name="hidden_to_loc")(h)
+        return loc, nn.softplus(Linear(self.z_dim, name="hidden_to_scale")(h))
+
+
+def _made_masks(z_dim: int, hidden_dim: int, reverse: bool) -> tuple[Array, Array]:
+    """MADE connectivity (Germain et al. 2015): output i sees only inputs before i in order.
+
+    Input/output degrees are each dimension's position in the order (1..Z); hidden unit k gets
+    degree 1 + k mod (Z - 1). Hidden k sees input i when deg_k >= deg_i; output j sees hidden
+    k when deg_j > deg_k. With Z = 1 the outputs are constants (biases only).
+    """
+    degrees = jnp.arange(1, z_dim + 1)
+    if reverse:
+        degrees = degrees[::-1]
+    hidden_degrees = 1 + jnp.arange(hidden_dim) % max(z_dim - 1, 1)
+    to_hidden = (hidden_degrees[None, :] >= degrees[:, None]).astype(jnp.float32)
+    to_output = (degrees[None, :] > hidden_degrees[:, None]).astype(jnp.float32)
+    return to_hidden, to_output
+
+
+class AutoregressiveNN(nn.Module):
+    """A one-hidden-layer MADE: (mean, log_scale), each [..., Z], output i a function of the
+    inputs before i in the order (ascending, or descending if ``reverse``).
+
+    As Pyro's ``AutoRegressiveNN(z_dim, [hidden_dim])``: ReLU hidden layer, PyTorch-style
+    initialisation of the masked weights.
+    """
+
+    z_dim: int
+    hidden_dim: int
+    reverse: bool = False
+
+    @nn.compact
+    def __call__(self, z: Array) -> tuple[Array, Array]:
+        to_hidden, to_output = _made_masks(self.z_dim, self.hidden_dim, self.reverse)
+        in_init = uniform_init(1.0 / math.sqrt(self.z_dim))
+        out_init = uniform_init(1.0 / math.sqrt(self.hidden_dim))
+        w_in = self.param("w_in", in_init, (self.z_dim, self.hidden_dim))
+        b_in = self.param("b_in", in_init, (self.hidden_dim,))
+        w_out = self.param("w_out", out_init, (self.hidden_dim, 2 * self.z_dim))
+        b_out = self.param("b_out", out_init, (2 * self.z_dim,))
+        hidden = nn.relu(z @ (w_in * to_hidden) + b_in)
+        out = hidden @ (w_out * jnp.concatenate([to_output, to_output], axis=1)) + b_out
+        return out[..., : self.z_dim], out[..., self.z_dim :]
+
+
+def _clip_preserving_gradients(x: Array, low: float, high: float) -> Array:
+    """clip(x) in value, identity in gradient (as Pyro's and NumPyro's IAF)."""
+    return x + jax.lax.stop_gradient(jnp.clip(x, low, high) - x)
+
+
+class InverseAutoregressiveFlow(nn.Module):
+    """``num_iafs`` affine IAF layers (Kingma et al. 2016), as the reference's guide uses them:
+
+        mean, log_scale = MADE_k(y),  log_scale clipped to [-5, 3],  y <- exp(log_scale) y + mean
+
+    Layer k orders the dimensions ascending for even k, descending for odd k, so that stacked
+    layers see each other's last dimensions. The Jacobian of each layer is triangular, so
+    log|det| = sum of log_scale.
+    """
+
+    z_dim: int
+    num_iafs: int
+    iaf_dim: int
+
+    @nn.compact
+    def __call__(self, z: Array) -> tuple[Array, Array]:
+        """z [..., Z] (a base draw) -> (flowed z [..., Z], log|det dz_out/dz| [...])."""
+        log_det = jnp.zeros(z.shape[:-1], z.dtype)
+        for k in range(self.num_iafs):
+            made = AutoregressiveNN(self.z_dim, self.iaf_dim, reverse=k % 2 == 1, name=f"iaf_{k}")
+            mean, log_scale = made(z)
+            log_scale = _clip_preserving_gradients(log_scale, -5.0, 3.0)
+            z = jnp.exp(log_scale) * z + mean
+            log_det = log_det + jnp.sum(log_scale, axis=-1)
+        return z, log_det
 
 
 def _rnn_step(h, xp, w_hh, b_hh):

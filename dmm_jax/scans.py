@@ -13,6 +13,8 @@ All arrays here are time-major ([T, B, ...]) and in processing order.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -86,7 +88,7 @@ reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
 # ----------------------------------------------------------------------------- guide chain
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def combiner_scan(
     z_start: Array,
     hidden: Array,
@@ -95,30 +97,33 @@ def combiner_scan(
     b_z: Array,
     w_out: Array,
     b_out: Array,
+    mix: float = 0.5,
 ) -> tuple[Array, Array]:
     """Draws z_{1:T} from the combiner chain, reparameterized by ``noise``.
 
-        u_t = tanh(z_{t-1} W_z + b_z),  c_t = (u_t + h_t) / 2
+        u_t = tanh(z_{t-1} W_z + b_z),  c_t = mix * (u_t + h_t)
         [loc_t, a_t] = c_t W_out + b_out,  scale_t = softplus(a_t)
         z_t = loc_t + scale_t * noise_t
 
     Args:
         z_start: [B, Z]. hidden: [T, B, H]. noise: [T, B, Z].
         w_z: [Z, H]. b_z: [H]. w_out: [H, 2Z] (loc and scale columns side by side). b_out: [2Z].
+        mix: a Python float, 1/2 for ST-R/ST-L (h_t one RNN state) and 1/3 for ST-LR (h_t the
+            sum of the two directions' states), so c_t is the average of its terms.
 
     Returns:
         (z, scale), each [T, B, Z].
     """
-    return _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out)[0]
+    return _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, mix)[0]
 
 
-def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out):
+def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, mix=0.5):
     z_dim = z_start.shape[-1]
 
     def step(z_prev, inputs):
         h_t, eps_t = inputs
         u = jnp.tanh(z_prev @ w_z + b_z)
-        out = (0.5 * (u + h_t)) @ w_out + b_out
+        out = (mix * (u + h_t)) @ w_out + b_out
         scale = jax.nn.softplus(out[..., z_dim:])
         z = out[..., :z_dim] + scale * eps_t
         return z, (z, scale, out[..., z_dim:])
@@ -130,7 +135,7 @@ def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out):
     return (z, scale), residuals
 
 
-def _combiner_backward(residuals, cotangents):
+def _combiner_backward(mix, residuals, cotangents):
     z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre = residuals
     g_z, g_scale = cotangents
     w_out_t, w_z_t = w_out.T, w_z.T
@@ -148,7 +153,7 @@ def _combiner_backward(residuals, cotangents):
         g_z_t, eps_t, d_softplus_t, g_scale_pre_t, d_tanh_t = inputs
         dz = g_z_t + dz_next
         d_c = d_output(dz, eps_t, d_softplus_t, g_scale_pre_t) @ w_out_t
-        return (0.5 * d_c * d_tanh_t) @ w_z_t, (dz, d_c)
+        return (mix * d_c * d_tanh_t) @ w_z_t, (dz, d_c)
 
     # Only the carry's path runs step by step; what else the gradients need is rebuilt
     # from (dz, d_c) in batched ops, which also keeps fewer [T, B, H] arrays alive.
@@ -159,11 +164,11 @@ def _combiner_backward(residuals, cotangents):
         reverse=True,
     )
     d_out = d_output(dz, noise, d_softplus, g_scale_pre)
-    d_a = 0.5 * d_c * d_tanh
-    c = 0.5 * (u + hidden)
+    d_a = mix * d_c * d_tanh
+    c = mix * (u + hidden)
     return (
         dz_start,
-        0.5 * d_c,  # d hidden
+        mix * d_c,  # d hidden
         dz * scale,  # d noise
         _outer_sum(z_prev, d_a),
         jnp.sum(d_a, axis=(0, 1)),

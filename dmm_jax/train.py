@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 
 from dmm_jax import distributed
 from dmm_jax.checkpoint import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
     CheckpointError,
     checkpoint_path,
     read_checkpoint,
@@ -45,6 +48,7 @@ from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import PaddedSequences, length_grouped_batches, shuffled_batches
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.model import example_covariates, guide, model
+from dmm_jax.objectives import AnalyticKLTraceELBO
 
 Array = jax.Array
 
@@ -81,29 +85,46 @@ def scale_by_pyro_adam(b1: float, b2: float, eps: float) -> optax.GradientTransf
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clipped_adam(config: TrainConfig) -> optax.GradientTransformation:
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Schedule:
+    """Step size at update k = 0, 1, ... (``config.lr_schedule``):
+
+    exponential: learning_rate * lr_decay^k                      (the reference's)
+    constant:    learning_rate
+    cosine:      learning_rate * (1 + cos(pi k / K)) / 2,  K = epochs * steps_per_epoch
+    """
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(
+            config.learning_rate, decay_steps=max(config.epochs * steps_per_epoch, 1)
+        )
+    return optax.exponential_decay(
+        config.learning_rate, transition_steps=1, decay_rate=config.lr_decay
+    )
+
+
+def clipped_adam(config: TrainConfig, steps_per_epoch: int = 1) -> optax.GradientTransformation:
     """Pyro's ClippedAdam from optax parts.
 
     Each gradient element is clipped to +-clip_norm, then weight_decay * param is added, then
-    Adam; the step size is learning_rate * lr_decay^k at step k (k = 0, 1, ...).
+    Adam; the step size follows ``learning_rate_schedule`` (by default learning_rate *
+    lr_decay^k at step k). The state has the same structure under every schedule.
     """
     return optax.chain(
         optax.clip(config.clip_norm),
         optax.add_decayed_weights(config.weight_decay),
         scale_by_pyro_adam(config.beta1, config.beta2, config.adam_eps),
-        optax.scale_by_learning_rate(
-            optax.exponential_decay(
-                config.learning_rate, transition_steps=1, decay_rate=config.lr_decay
-            )
-        ),
+        optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch)),
     )
 
 
 def annealing_factor(epoch: int, batch_index: int, num_batches: int, config: TrainConfig) -> float:
-    """KL annealing as the reference: linear from the minimum to 1 over annealing_epochs,
-    advanced per mini-batch."""
+    """KL annealing, advanced per mini-batch: from the minimum to 1 over annealing_epochs,
+    linearly as the reference ("linear") or along a half cosine ("cosine")."""
     if config.annealing_epochs > 0 and epoch < config.annealing_epochs:
         progress = (batch_index + epoch * num_batches + 1) / (config.annealing_epochs * num_batches)
+        if config.annealing_schedule == "cosine":
+            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
         minimum = config.minimum_annealing_factor
         return minimum + (1.0 - minimum) * progress
     return 1.0
@@ -121,13 +142,20 @@ class TrainState(NamedTuple):
     eval_key: Array
 
 
-def build_svi(model_config: DMMConfig, train_config: TrainConfig) -> SVI:
-    """NumPyro SVI over the DMM model/guide with Trace_ELBO and ClippedAdam."""
+def build_svi(model_config: DMMConfig, train_config: TrainConfig, steps_per_epoch: int = 1) -> SVI:
+    """NumPyro SVI over the DMM model/guide with ClippedAdam and Trace_ELBO (``kl="sampled"``)
+    or the closed-form-KL ELBO (``kl="analytic"``). ``steps_per_epoch`` sets the length of a
+    cosine learning-rate schedule (``fit`` passes the real number)."""
+    if train_config.kl == "analytic" and model_config.num_iafs:
+        raise ValueError(
+            "TrainConfig.kl='analytic' needs Gaussian guide steps: not available with "
+            f"DMMConfig.num_iafs={model_config.num_iafs}; use kl='sampled'"
+        )
     return SVI(
         functools.partial(model, config=model_config),
         functools.partial(guide, config=model_config),
-        optax_to_numpyro(clipped_adam(train_config)),
-        Trace_ELBO(),
+        optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
+        AnalyticKLTraceELBO() if train_config.kl == "analytic" else Trace_ELBO(),
     )
 
 
@@ -312,9 +340,13 @@ class LoadedRun(NamedTuple):
     metadata: dict[str, Any]
 
 
-def load_run(checkpoint_dir: str | os.PathLike) -> LoadedRun:
-    """Restores a run saved by ``fit``: parameters, full state, configs, history, metadata."""
-    saved = read_checkpoint(checkpoint_dir)
+def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
+    """Restores a run saved by ``fit``: parameters, full state, configs, history, metadata.
+
+    ``best``: the state of the best validation bound (``best.msgpack``, kept with early
+    stopping) instead of the latest.
+    """
+    saved = read_checkpoint(checkpoint_dir, BEST_FILE if best else CHECKPOINT_FILE)
     svi = build_svi(saved["model_config"], saved["train_config"])
     model_config = saved["model_config"]
     template = init_train_state(
@@ -329,6 +361,34 @@ def load_run(checkpoint_dir: str | os.PathLike) -> LoadedRun:
         saved["history"],
         saved["metadata"],
     )
+
+
+class EarlyStopping:
+    """Counts evaluations since the best validation bound (``val_loss_per_step``, lower is
+    better); ``stopped`` once ``patience`` of them pass without improvement (0: never).
+
+    Rebuilt from a resumed run's history, so a resumed run stops where an uninterrupted one
+    would.
+    """
+
+    def __init__(self, patience: int, history: Sequence[dict[str, Any]] = ()):
+        self.patience = patience
+        self.best, self.best_epoch, self.since_best = math.inf, -1, 0
+        self.stopped = False
+        for record in history:
+            self.update(record)
+
+    def update(self, record: dict[str, Any]) -> bool:
+        """Takes one epoch's record; True when it holds a new best validation bound."""
+        value = record.get("val_loss_per_step")
+        if value is None or self.patience <= 0:
+            return False
+        if value < self.best:
+            self.best, self.best_epoch, self.since_best = value, record["epoch"], 0
+            return True
+        self.since_best += 1
+        self.stopped = self.since_best >= self.patience
+        return False
 
 
 class TrainResult(NamedTuple):
@@ -445,7 +505,8 @@ def fit(
         for name, split in (("val", valid), ("test", test))
         if split is not None
     }
-    svi = build_svi(model_config, train_config)
+    steps_per_epoch = math.ceil(len(train_data) / train_config.batch_size)
+    svi = build_svi(model_config, train_config, steps_per_epoch)
     state = init_train_state(
         svi, train_config.seed, model_config.obs_dim, example_covariates(model_config)
     )
@@ -461,6 +522,10 @@ def fit(
         state, history = saved.state, saved.history
         say(f"resumed from {checkpoint_path(checkpoint_dir)} after epoch {int(state.epoch) - 1}")
 
+    patience = train_config.early_stopping_patience
+    if patience and "val" not in eval_sets:
+        raise ValueError("TrainConfig.early_stopping_patience needs a validation split (valid)")
+    stopper = EarlyStopping(patience, history)
     update = UpdateStep(svi, mesh, microbatch_steps=train_config.microbatch_steps)
     writes = jax.process_index() == 0  # one writer when several processes share a run
     with contextlib.ExitStack() as stack:
@@ -468,7 +533,7 @@ def fit(
         if log_json is not None and writes:
             Path(log_json).parent.mkdir(parents=True, exist_ok=True)
             log_file = stack.enter_context(open(log_json, "a" if resume and history else "w"))
-        while int(state.epoch) < train_config.epochs:
+        while int(state.epoch) < train_config.epochs and not stopper.stopped:
             epoch = int(state.epoch)
             start = time.perf_counter()
             state, loss_sum, factor = train_epoch(
@@ -499,19 +564,29 @@ def fit(
                         mesh=mesh,
                     )
                     record[f"{name}_loss_per_step"] = result["loss_per_step"]
+            improved = patience > 0 and stopper.update(record)
+            if stopper.stopped:
+                record["early_stopped"] = True
             history.append(record)
             say(_format_record(record))
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if checkpoint_dir is not None and writes:
-                save_checkpoint(
-                    checkpoint_dir,
-                    state,
-                    model_config=model_config,
-                    train_config=train_config,
-                    history=history,
-                    metadata=metadata,
+                for filename in (BEST_FILE, CHECKPOINT_FILE) if improved else (CHECKPOINT_FILE,):
+                    save_checkpoint(
+                        checkpoint_dir,
+                        state,
+                        model_config=model_config,
+                        train_config=train_config,
+                        history=history,
+                        metadata=metadata,
+                        filename=filename,
+                    )
+            if stopper.stopped:
+                say(
+                    f"early stopping after epoch {epoch}: no better validation bound in "
+                    f"{patience} evaluations (best {stopper.best:.4f} at epoch {stopper.best_epoch})"
                 )
     say(
         f"compiled {len(update.compiled_shapes)} training shapes in "

@@ -82,3 +82,27 @@ def test_compile_cache_directory_comes_from_flag_then_environment(monkeypatch, t
     assert compile_cache_dir(None) is None
     monkeypatch.delenv("DMM_JAX_COMPILE_CACHE")
     assert compile_cache_dir(None).parts[-3:] == (".cache", "dmm_jax", "xla")
+
+
+def test_guide_flow_kl_and_schedule_flags_reach_the_configs():
+    from dmm_jax.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "--guide", "st-lr", "--num-iafs", "2", "--iaf-dim", "30", "--kl", "sampled"]
+        + ["--lr-schedule", "cosine", "--annealing-schedule", "cosine"]
+        + ["--early-stopping-patience", "3", "--eval-every", "5"]
+    )
+    assert (args.guide, args.num_iafs, args.iaf_dim) == ("st-lr", 2, 30)
+    assert (args.lr_schedule, args.annealing_schedule, args.early_stopping_patience) == (
+        "cosine",
+        "cosine",
+        3,
+    )
+    assert build_parser().parse_args(["evaluate", "--checkpoint", "c", "--best"]).best
+
+
+def test_analytic_kl_with_flows_is_refused_before_loading_data():
+    with pytest.raises(SystemExit, match="--kl analytic is not available with --num-iafs"):
+        main(["train", "--kl", "analytic", "--num-iafs", "1", "--data", "/nonexistent"])
+    with pytest.raises(SystemExit, match="early_stopping_patience needs eval_every"):
+        main(["train", "--early-stopping-patience", "2", "--data", "/nonexistent"])
