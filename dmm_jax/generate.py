@@ -19,7 +19,6 @@ import numpy as np
 from numpyro import handlers
 
 from dmm_jax.config import DMMConfig
-from dmm_jax.data.batching import PaddedSequences
 from dmm_jax.distributions import MarkovGaussianChain
 from dmm_jax.model import guide, sequence_mask
 from dmm_jax.nn import BernoulliEmitter, GatedTransition
