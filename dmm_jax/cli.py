@@ -1,4 +1,4 @@
-"""``dmm-jax``: a thin command line over the library (train, evaluate).
+"""``dmm-jax``: a thin command line over the library (train, evaluate, sample, forecast, plot).
 
 Every subcommand builds configs from its flags and calls one library function; nothing here
 that a test or a notebook could not call directly.
@@ -10,13 +10,25 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from dmm_jax.checkpoint import CheckpointError
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data import DATASETS, DataError, load_dataset
 from dmm_jax.evaluate import evaluate_split
+from dmm_jax.generate import forecast, forecast_split, note_frequencies, sample_prior
+from dmm_jax.music import write_midi
+from dmm_jax.plots import (
+    forecast_figure,
+    piano_roll_figure,
+    read_training_log,
+    save_png,
+    training_curves_figure,
+)
 from dmm_jax.train import fit, load_run
 
 _DEFAULT_MODEL = DMMConfig()
@@ -85,6 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=_DEFAULT_TRAIN.eval_batch_size)
+
+    sample = sub.add_parser("sample", help="draw piano rolls from the prior; MIDI files, PNGs")
+    sample.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    sample.add_argument("--num", type=int, default=4, help="number of sequences")
+    sample.add_argument("--length", type=int, default=64, help="time steps (quarter notes) each")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--midi", default=None, help="folder for sample_NNN.mid")
+    sample.add_argument("--png", default=None, help="folder for sample_NNN.png")
+    sample.add_argument("--tempo", type=float, default=120.0, help="MIDI tempo, quarter notes/min")
+
+    fc = sub.add_parser(
+        "forecast", help="forecast log-likelihood of continuations vs a per-note-frequency baseline"
+    )
+    fc.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    _add_data_flags(fc, None)
+    fc.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    fc.add_argument("--prefix", type=int, default=16, help="steps given (k)")
+    fc.add_argument("--horizon", type=int, default=16, help="steps forecast after the prefix")
+    fc.add_argument("--samples", type=int, default=100, help="forecast draws per sequence")
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--batch-size", type=int, default=32)
+    fc.add_argument("--png", default=None, help="folder for forecast_NNN.png vs the truth")
+    fc.add_argument("--png-count", type=int, default=4, help="how many sequences to draw")
+
+    plot = sub.add_parser("plot", help="training/validation/test curves from a --log-json file")
+    plot.add_argument("--log", required=True, help="the JSON-lines file of dmm-jax train")
+    plot.add_argument("--out", required=True, help="PNG file to write")
     return parser
 
 
@@ -167,10 +206,116 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require(condition: bool, command: str, message: str) -> None:
+    if not condition:
+        raise SystemExit(f"dmm-jax {command}: {message}")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    _require(args.num >= 1, "sample", f"--num must be >= 1, got {args.num}")
+    _require(args.length >= 1, "sample", f"--length must be >= 1, got {args.length}")
+    _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
+    run = load_run(args.checkpoint)
+    out = sample_prior(
+        run.params, jax.random.PRNGKey(args.seed), run.model_config, args.num, args.length
+    )
+    rolls = np.asarray(out["x"])
+    written: dict[str, list[str]] = {"midi": [], "png": []}
+    for i, roll in enumerate(rolls):
+        if args.midi is not None:
+            path = write_midi(Path(args.midi) / f"sample_{i:03d}.mid", roll, tempo_bpm=args.tempo)
+            written["midi"].append(str(path))
+        if args.png is not None:
+            figure = piano_roll_figure([roll], [f"sample {i} (seed {args.seed})"])
+            written["png"].append(str(save_png(figure, Path(args.png) / f"sample_{i:03d}.png")))
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "epochs_trained": int(run.state.epoch),
+        "num": args.num,
+        "length": args.length,
+        "seed": args.seed,
+        "notes_per_step": float(rolls.sum() / (args.num * args.length)),
+        **written,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    for flag in ("prefix", "horizon", "samples", "batch_size"):
+        value = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        _require(value >= 1, "forecast", f"{name} must be >= 1, got {value}")
+    run = load_run(args.checkpoint)
+    name = args.dataset or run.metadata.get("dataset")
+    _require(
+        name is not None, "forecast", "the checkpoint does not name its dataset; pass --dataset"
+    )
+    dataset = load_dataset(name, args.data)
+    sequences = dataset.split(args.split).sequences
+    key = jax.random.PRNGKey(args.seed)
+    try:
+        result = forecast_split(
+            run.params,
+            key,
+            sequences,
+            run.model_config,
+            prefix_length=args.prefix,
+            horizon=args.horizon,
+            num_samples=args.samples,
+            frequencies=note_frequencies(dataset.train.sequences),
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax forecast: {err}") from err
+    pngs = []
+    if args.png is not None and args.png_count > 0:
+        shown = [s for s in sequences if len(s) > args.prefix][: args.png_count]
+        prefixes = jnp.asarray(np.stack([s[: args.prefix] for s in shown]), jnp.float32)
+        lengths = jnp.full(len(shown), args.prefix, jnp.int32)
+        probs = forecast(
+            run.params, key, prefixes, lengths, run.model_config, args.horizon, args.samples
+        )["mean_probs"]
+        for i, seq in enumerate(shown):
+            truth = seq[args.prefix : args.prefix + args.horizon]
+            figure = forecast_figure(
+                seq[: args.prefix], truth, np.asarray(probs[i, : len(truth)]), f"sequence {i}"
+            )
+            pngs.append(str(save_png(figure, Path(args.png) / f"forecast_{i:03d}.png")))
+    result = {
+        "dataset": dataset.name,
+        "split": args.split,
+        "checkpoint": str(args.checkpoint),
+        "epochs_trained": int(run.state.epoch),
+        **result,
+        "png": pngs,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        figure = training_curves_figure(read_training_log(args.log))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dmm-jax plot: {err}") from err
+    print(json.dumps({"log": str(args.log), "png": str(save_png(figure, args.out))}))
+    return 0
+
+
+_COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "sample": _sample,
+    "forecast": _forecast,
+    "plot": _plot,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "evaluate": _evaluate}[args.command](args)
+        return _COMMANDS[args.command](args)
     except (DataError, CheckpointError) as err:
         print(f"dmm-jax {args.command}: {err}", file=sys.stderr)
         return 2
