@@ -271,10 +271,20 @@ def _forecast(args: argparse.Namespace) -> int:
     pngs = []
     if args.png is not None and args.png_count > 0:
         shown = [s for s in sequences if len(s) > args.prefix][: args.png_count]
-        prefixes = jnp.asarray(np.stack([s[: args.prefix] for s in shown]), jnp.float32)
-        lengths = jnp.full(len(shown), args.prefix, jnp.int32)
+        # Padded to the scoring batch's shape, so the forecast compiled above is reused.
+        prefixes = np.zeros(
+            (max(args.batch_size, len(shown)), args.prefix, run.model_config.obs_dim)
+        )
+        prefixes[: len(shown)] = [s[: args.prefix] for s in shown]
+        lengths = jnp.full(len(prefixes), args.prefix, jnp.int32)
         probs = forecast(
-            run.params, key, prefixes, lengths, run.model_config, args.horizon, args.samples
+            run.params,
+            key,
+            jnp.asarray(prefixes, jnp.float32),
+            lengths,
+            run.model_config,
+            args.horizon,
+            args.samples,
         )["mean_probs"]
         for i, seq in enumerate(shown):
             truth = seq[args.prefix : args.prefix + args.horizon]
