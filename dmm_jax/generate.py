@@ -19,6 +19,7 @@ import numpy as np
 from numpyro import handlers
 
 from dmm_jax.config import DMMConfig
+from dmm_jax.data.batching import PaddedSequences, sorted_batches
 from dmm_jax.distributions import MarkovGaussianChain
 from dmm_jax.model import guide, sequence_mask
 from dmm_jax.nn import BernoulliEmitter, GatedTransition
@@ -304,11 +305,16 @@ def impute(
     Missing entries start as rests (0); each iteration runs the guide over the filled
     sequence, draws z ~ q(z | x), and redraws only the missing entries from p(x | z). The
     guide is an approximation of p(z | x), so this is a stochastic fixed point in the spirit
-    of Gibbs sampling rather than an exact posterior sampler.
+    of Gibbs sampling rather than an exact posterior sampler. The values of ``x`` at missing
+    entries are never read to fill them.
 
-    Returns ``x`` (the last filled sequence; observed entries, and all of ``x`` when nothing
-    is missing, exactly as given) and ``probs`` (the emission mean averaged over iterations
-    where missing, the given value elsewhere), both [N, T, X] in ``x``'s dtype / float.
+    Returns, each [N, T, X]:
+        ``x``: the last filled sequence; observed entries (and all of ``x`` when nothing is
+            missing) exactly as given, in ``x``'s dtype.
+        ``probs``: the emission mean averaged over iterations where missing, ``x`` elsewhere.
+        ``log_prob``: where missing, log (1/I) sum_i p(x_ti | z_i) of the value ``x`` holds
+            there (the predictive log-likelihood of held-out truth, if ``x`` holds it); 0
+            elsewhere.
     Padded steps are never filled.
     """
     if num_iterations < 1:
@@ -321,7 +327,86 @@ def impute(
         z_key, x_key = jax.random.split(key)
         logits = emitter(_guide_latents(params, z_key, filled, lengths, config))
         drawn = emission_sample(x_key, logits).astype(x.dtype)
-        return jnp.where(missing, drawn, x), emission_mean(logits)
+        scores = emission_log_prob(logits, x.astype(logits.dtype))
+        return jnp.where(missing, drawn, x), (emission_mean(logits), scores)
 
-    filled, means = jax.lax.scan(step, start, jax.random.split(key, num_iterations))
-    return {"x": filled, "probs": jnp.where(missing, means.mean(0), x.astype(means.dtype))}
+    keys = jax.random.split(key, num_iterations)
+    filled, (means, scores) = jax.lax.scan(step, start, keys)
+    log_prob = jax.scipy.special.logsumexp(scores, axis=0) - jnp.log(num_iterations)
+    return {
+        "x": filled,
+        "probs": jnp.where(missing, means.mean(0), x.astype(means.dtype)),
+        "log_prob": jnp.where(missing, log_prob, 0.0),
+    }
+
+
+def hide_entries(
+    key: Array,
+    x: Array,
+    lengths: Array,
+    fraction: float = 0.0,
+    gap: tuple[int, int] | None = None,
+) -> Array:
+    """A ``missing`` mask [N, T, X] for ``impute``: each real entry hidden with probability
+    ``fraction``, and every entry of the steps start <= t < stop of ``gap`` hidden."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    missing = jax.random.bernoulli(key, fraction, x.shape)
+    if gap is not None:
+        start, stop = gap
+        if not 0 <= start < stop:
+            raise ValueError(f"gap must be (start, stop) with 0 <= start < stop, got {gap}")
+        steps = jnp.arange(x.shape[1])
+        missing = missing | ((steps >= start) & (steps < stop))[None, :, None]
+    return missing & sequence_mask(lengths, x.shape[1])[..., None]
+
+
+def impute_split(
+    params: dict,
+    key: Array,
+    sequences: Sequence[np.ndarray],
+    config: DMMConfig,
+    *,
+    frequencies: np.ndarray,
+    fraction: float = 0.0,
+    gap: tuple[int, int] | None = None,
+    num_iterations: int = 20,
+    batch_size: int = 32,
+) -> dict[str, float | int]:
+    """Hides entries of every sequence (``hide_entries``), imputes them, scores the truth.
+
+    Returns ``model_log_likelihood_per_entry`` (the mean over hidden entries of
+    ``impute``'s ``log_prob``), ``baseline_log_likelihood_per_entry`` (the same under the
+    per-note ``frequencies``), ``model_accuracy`` / ``baseline_accuracy`` (hidden entries
+    whose more probable value is the true one), and the counts.
+    """
+    if not fraction and gap is None:
+        raise ValueError("nothing to impute: give a fraction > 0 or a gap")
+    data = PaddedSequences([np.asarray(s) for s in sequences])
+    baseline_logits = frequency_baseline_logits(frequencies)[0]
+    sums = {"model_ll": 0.0, "baseline_ll": 0.0, "model_hits": 0, "baseline_hits": 0}
+    hidden = 0
+    for i, indices in enumerate(sorted_batches(data.lengths, batch_size)):
+        x, lengths = (jnp.asarray(a) for a in data.batch(indices, batch_size))
+        hide_key, impute_key = jax.random.split(jax.random.fold_in(key, i))
+        missing = hide_entries(hide_key, x, lengths, fraction, gap)
+        out = impute(params, impute_key, x, lengths, missing, config, num_iterations)
+        baseline_probs = emission_mean(baseline_logits)
+        for name, log_prob, probs in (
+            ("model", out["log_prob"], out["probs"]),
+            ("baseline", emission_log_prob(baseline_logits, x), baseline_probs),
+        ):
+            sums[f"{name}_ll"] += float(jnp.sum(jnp.where(missing, log_prob, 0.0)))
+            sums[f"{name}_hits"] += int(jnp.sum(missing & ((probs > 0.5) == (x > 0.5))))
+        hidden += int(jnp.sum(missing))
+    if not hidden:
+        raise ValueError("no entry was hidden (the gap lies beyond every sequence?)")
+    return {
+        "model_log_likelihood_per_entry": sums["model_ll"] / hidden,
+        "baseline_log_likelihood_per_entry": sums["baseline_ll"] / hidden,
+        "model_accuracy": sums["model_hits"] / hidden,
+        "baseline_accuracy": sums["baseline_hits"] / hidden,
+        "num_hidden_entries": hidden,
+        "num_sequences": len(data),
+        "num_iterations": num_iterations,
+    }

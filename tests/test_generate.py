@@ -12,7 +12,9 @@ from dmm_jax.generate import (
     forecast_log_likelihood,
     forecast_split,
     frequency_baseline_logits,
+    hide_entries,
     impute,
+    impute_split,
     note_frequencies,
     posterior_latents,
     sample_prior,
@@ -154,7 +156,56 @@ def test_imputation_fills_only_missing_entries_from_the_emitter(tiny_config, key
         np.testing.assert_array_equal(filled[missing & real], value)
         np.testing.assert_array_equal(filled[~(missing & real)], x[~(missing & real)])
         np.testing.assert_allclose(np.asarray(out["probs"])[missing & real], value, atol=1e-6)
-    first = impute(params, key, x, lengths, missing, tiny_config, 4)["x"]
+        # log p of the values x holds at the hidden entries: ~0 where they agree, ~-40 where not.
+        log_prob = np.asarray(out["log_prob"])[missing & real]
+        agree = x[missing & real] == value
+        assert np.all(log_prob[agree] > -1e-6) and np.all(log_prob[~agree] < -30)
+        assert bool(jnp.all(out["log_prob"][~(missing & real)] == 0))
+    # The hidden values are never read to fill them: garbage there changes nothing filled.
+    garbage = np.where(missing & real, 1 - x, x)
+    first = impute(params, key, x, lengths, missing, tiny_config, 4)
+    again = impute(params, key, garbage, lengths, missing, tiny_config, 4)
+    np.testing.assert_array_equal(first["x"], again["x"])
+    np.testing.assert_array_equal(first["probs"][missing], again["probs"][missing])
+    first = first["x"]
     np.testing.assert_array_equal(
         first, impute(params, key, x, lengths, missing, tiny_config, 4)["x"]
     )
+
+
+def test_hidden_entries_cover_the_gap_and_stay_inside_each_sequence(key):
+    x = jnp.zeros((2, 10, 4))
+    lengths = jnp.array([10, 6])
+    missing = np.asarray(hide_entries(key, x, lengths, gap=(4, 8)))
+    np.testing.assert_array_equal(missing.sum((0, 2)), [0] * 4 + [8, 8, 4, 4] + [0, 0])
+    some = np.asarray(hide_entries(key, jnp.zeros((50, 10, 4)), jnp.full(50, 10), fraction=0.3))
+    assert 0.25 < some.mean() < 0.35
+    with pytest.raises(ValueError, match="gap"):
+        hide_entries(key, x, lengths, gap=(5, 5))
+
+
+def test_impute_split_scores_exactly_the_hidden_entries(tiny_config, key):
+    params = init_params(tiny_config)
+    x, lengths = random_binary_batch(6, 4, 9, tiny_config.obs_dim, lengths=[9, 5, 3, 7])
+    seqs = [x[i, : lengths[i]] for i in range(4)]
+    freq = note_frequencies(seqs)
+    out = impute_split(
+        params,
+        key,
+        seqs,
+        tiny_config,
+        frequencies=freq,
+        gap=(2, 6),
+        num_iterations=3,
+        batch_size=3,
+    )
+    hidden = [s[2:6] for s in seqs]  # the gap's steps that exist in each sequence
+    assert out["num_hidden_entries"] == sum(h.size for h in hidden) == (4 + 3 + 1 + 4) * 6
+    want = sum(stats.bernoulli.logpmf(h, freq[None, :]).sum() for h in hidden)
+    np.testing.assert_allclose(
+        out["baseline_log_likelihood_per_entry"], want / out["num_hidden_entries"], rtol=1e-5
+    )
+    assert np.isfinite(out["model_log_likelihood_per_entry"])
+    assert 0 <= out["model_accuracy"] <= 1
+    with pytest.raises(ValueError, match="nothing to impute"):
+        impute_split(params, key, seqs, tiny_config, frequencies=freq)
