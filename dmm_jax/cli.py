@@ -1,4 +1,6 @@
-"""``dmm-jax``: a thin command line over the library (train, evaluate, sample, forecast, plot).
+"""``dmm-jax``: a thin command line over the library.
+
+Subcommands: train, evaluate, sample, forecast, posterior, impute, plot.
 
 Every subcommand builds configs from its flags and calls one library function; nothing here
 that a test or a notebook could not call directly.
@@ -7,6 +9,7 @@ that a test or a notebook could not call directly.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -19,12 +22,24 @@ import numpy as np
 from dmm_jax.checkpoint import CheckpointError
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data import DATASETS, DataError, load_dataset
+from dmm_jax.data.batching import PaddedSequences
 from dmm_jax.evaluate import evaluate_split
-from dmm_jax.generate import forecast, forecast_split, note_frequencies, sample_prior
+from dmm_jax.files import atomic_write_bytes
+from dmm_jax.generate import (
+    forecast,
+    forecast_split,
+    hide_entries,
+    impute,
+    impute_split,
+    note_frequencies,
+    posterior_latents,
+    sample_prior,
+)
 from dmm_jax.music import write_midi
 from dmm_jax.plots import (
     forecast_figure,
     piano_roll_figure,
+    posterior_figure,
     read_training_log,
     save_png,
     training_curves_figure,
@@ -33,6 +48,16 @@ from dmm_jax.train import fit, load_run
 
 _DEFAULT_MODEL = DMMConfig()
 _DEFAULT_TRAIN = TrainConfig()
+
+
+def _gap(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(part) for part in text.split(":"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected START:STOP steps, got {text!r}") from err
+    if not 0 <= start < stop:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < STOP, got {text!r}")
+    return start, stop
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, dataset_default: str | None) -> None:
@@ -120,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--batch-size", type=int, default=32)
     fc.add_argument("--png", default=None, help="folder for forecast_NNN.png vs the truth")
     fc.add_argument("--png-count", type=int, default=4, help="how many sequences to draw")
+
+    post = sub.add_parser("posterior", help="latent trajectory of one sequence under the guide")
+    post.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    _add_data_flags(post, None)
+    post.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    post.add_argument("--index", type=int, default=0, help="which sequence of the split")
+    post.add_argument("--samples", type=int, default=100, help="guide draws")
+    post.add_argument("--seed", type=int, default=0)
+    post.add_argument("--out", default=None, help=".npz file: x, mean, quantiles, levels")
+    post.add_argument("--png", default=None, help="PNG file: the sequence above its latents")
+
+    imp = sub.add_parser(
+        "impute", help="hide entries of a split, fill them in, score against the baseline"
+    )
+    imp.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    _add_data_flags(imp, None)
+    imp.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    imp.add_argument("--fraction", type=float, default=0.0, help="hide each entry with this p")
+    imp.add_argument("--gap", type=_gap, default=None, help="hide steps START:STOP entirely")
+    imp.add_argument("--iterations", type=int, default=20, help="guide/emitter refills")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument("--batch-size", type=int, default=32)
+    imp.add_argument("--png", default=None, help="folder for impute_NNN.png")
+    imp.add_argument("--png-count", type=int, default=2, help="how many sequences to draw")
 
     plot = sub.add_parser("plot", help="training/validation/test curves from a --log-json file")
     plot.add_argument("--log", required=True, help="the JSON-lines file of dmm-jax train")
@@ -246,12 +295,7 @@ def _forecast(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         name = "--" + flag.replace("_", "-")
         _require(value >= 1, "forecast", f"{name} must be >= 1, got {value}")
-    run = load_run(args.checkpoint)
-    name = args.dataset or run.metadata.get("dataset")
-    _require(
-        name is not None, "forecast", "the checkpoint does not name its dataset; pass --dataset"
-    )
-    dataset = load_dataset(name, args.data)
+    run, dataset = _run_dataset("forecast", args)
     sequences = dataset.split(args.split).sequences
     key = jax.random.PRNGKey(args.seed)
     try:
@@ -304,6 +348,94 @@ def _forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dataset(command: str, args: argparse.Namespace):
+    """The checkpoint's run and the dataset it was trained on (or --dataset)."""
+    run = load_run(args.checkpoint)
+    name = args.dataset or run.metadata.get("dataset")
+    _require(name is not None, command, "the checkpoint does not name its dataset; pass --dataset")
+    return run, load_dataset(name, args.data)
+
+
+def _posterior(args: argparse.Namespace) -> int:
+    _require(args.samples >= 1, "posterior", f"--samples must be >= 1, got {args.samples}")
+    run, dataset = _run_dataset("posterior", args)
+    sequences = dataset.split(args.split).sequences
+    _require(
+        0 <= args.index < len(sequences),
+        "posterior",
+        f"--index must be in 0..{len(sequences) - 1} for the {args.split} split, got {args.index}",
+    )
+    x = np.asarray(sequences[args.index])
+    levels = (0.05, 0.5, 0.95)
+    out = posterior_latents(
+        run.params,
+        jax.random.PRNGKey(args.seed),
+        jnp.asarray(x[None], jnp.float32),
+        jnp.array([len(x)], jnp.int32),
+        run.model_config,
+        args.samples,
+        levels,
+    )
+    mean, quantiles = np.asarray(out["mean"][0]), np.asarray(out["quantiles"][:, 0])
+    result = {"split": args.split, "index": args.index, "num_steps": len(x), "levels": levels}
+    if args.out is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x, mean=mean, quantiles=quantiles, levels=np.array(levels))
+        result["npz"] = str(atomic_write_bytes(args.out, buffer.getvalue()))
+    if args.png is not None:
+        result["png"] = str(save_png(posterior_figure(x, mean, quantiles), args.png))
+    # How much the latents move over time and how uncertain they are, in one line each.
+    result["mean_abs_step_change"] = float(np.abs(np.diff(mean, axis=0)).mean())
+    result["mean_band_width"] = float((quantiles[-1] - quantiles[0]).mean())
+    print(json.dumps(result))
+    return 0
+
+
+def _impute(args: argparse.Namespace) -> int:
+    _require(
+        0.0 <= args.fraction <= 1.0, "impute", f"--fraction must be in [0, 1], got {args.fraction}"
+    )
+    _require(args.fraction > 0 or args.gap is not None, "impute", "give --fraction or --gap")
+    for flag in ("iterations", "batch_size"):
+        value = getattr(args, flag)
+        _require(value >= 1, "impute", f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    run, dataset = _run_dataset("impute", args)
+    sequences = dataset.split(args.split).sequences
+    key = jax.random.PRNGKey(args.seed)
+    try:
+        result = impute_split(
+            run.params,
+            key,
+            sequences,
+            run.model_config,
+            frequencies=note_frequencies(dataset.train.sequences),
+            fraction=args.fraction,
+            gap=args.gap,
+            num_iterations=args.iterations,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax impute: {err}") from err
+    pngs = []
+    if args.png is not None and args.png_count > 0:
+        shown = list(sequences[: args.png_count])
+        x, lengths = PaddedSequences(shown).batch(np.arange(len(shown)), len(shown))
+        hide_key, impute_key = jax.random.split(key)
+        missing = hide_entries(hide_key, x, lengths, args.fraction, args.gap)
+        out = impute(run.params, impute_key, x, lengths, missing, run.model_config, args.iterations)
+        missing, probs = np.asarray(missing), np.asarray(out["probs"])
+        for i, seq in enumerate(shown):
+            n, hidden = len(seq), missing[i, : len(seq)]
+            given = np.where(hidden, 0.3, seq)  # hidden entries drawn light grey
+            figure = piano_roll_figure(
+                [seq, given, probs[i, :n]],
+                ["truth", "given (hidden in grey)", "imputed P(note) where hidden"],
+            )
+            pngs.append(str(save_png(figure, Path(args.png) / f"impute_{i:03d}.png")))
+    print(json.dumps({"dataset": dataset.name, "split": args.split, **result, "png": pngs}))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     try:
         figure = training_curves_figure(read_training_log(args.log))
@@ -318,6 +450,8 @@ _COMMANDS = {
     "evaluate": _evaluate,
     "sample": _sample,
     "forecast": _forecast,
+    "posterior": _posterior,
+    "impute": _impute,
     "plot": _plot,
 }
 

@@ -167,3 +167,33 @@ def training_curves_figure(records: Sequence[dict[str, Any]]) -> Figure:
     axes.legend()
     axes.grid(alpha=0.3)
     return figure
+
+
+def posterior_figure(roll, mean, quantiles, dims: Sequence[int] = (0, 1, 2, 3)) -> Figure:
+    """A sequence above its latent trajectory under the guide.
+
+    ``roll`` [T, 88]; ``mean`` [T, Z] and ``quantiles`` [Q, T, Z] from
+    ``dmm_jax.generate.posterior_latents`` (one sequence); the band spans the first and last
+    quantile, for the latent dimensions ``dims``.
+    """
+    (roll,) = _check_rolls([roll], "roll")
+    mean, quantiles = np.asarray(mean), np.asarray(quantiles)
+    if mean.shape != quantiles.shape[1:] or mean.shape[0] != len(roll):
+        raise ValueError(
+            f"mean [T, Z] and quantiles [Q, T, Z] must match the roll's {len(roll)} steps, got "
+            f"{mean.shape} and {quantiles.shape}"
+        )
+    dims = [d for d in dims if d < mean.shape[1]]
+    figure = _new_figure(8.0, 4.4)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    _draw_roll(top, roll, _pitch_window([roll]))
+    steps = np.arange(len(roll))
+    for d in dims:
+        (line,) = bottom.plot(steps, mean[:, d], label=f"z[{d}]")
+        bottom.fill_between(
+            steps, quantiles[0, :, d], quantiles[-1, :, d], alpha=0.25, color=line.get_color()
+        )
+    bottom.set_ylabel("latent (mean, band)")
+    bottom.set_xlabel("time step (quarter note)")
+    bottom.legend(loc="upper right", fontsize="small", ncols=len(dims))
+    return figure
