@@ -10,7 +10,7 @@ import pytest
 from dmm_jax.checkpoint import save_checkpoint
 from dmm_jax.cli import main
 from dmm_jax.config import DMMConfig, TrainConfig
-from dmm_jax.generate import sample_prior
+from dmm_jax.generate import posterior_latents, sample_prior
 from dmm_jax.music import read_midi
 from dmm_jax.train import build_svi, init_train_state, load_run
 
@@ -145,3 +145,72 @@ def test_plot_draws_a_training_log(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit, match="no training log at .*missing.jsonl"):
         main(["plot", "--log", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])
+
+
+def test_posterior_writes_the_library_summaries(checkpoint, data_file, tmp_path, capsys):
+    npz, png = tmp_path / "post.npz", tmp_path / "post.png"
+    args = [
+        "posterior",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data_file),
+        "--index",
+        "2",
+        "--samples",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(npz),
+        "--png",
+        str(png),
+    ]
+    assert main(args) == 0
+    out = _last_json(capsys)
+    assert out["num_steps"] == 7 and png.read_bytes().startswith(b"\x89PNG")
+    saved = np.load(npz)
+    run = load_run(checkpoint)
+    want = posterior_latents(
+        run.params,
+        jax.random.PRNGKey(1),
+        saved["x"][None].astype(np.float32),
+        np.array([7]),
+        run.model_config,
+        5,
+        (0.05, 0.5, 0.95),
+    )
+    np.testing.assert_allclose(saved["mean"], want["mean"][0], rtol=1e-6)
+    assert saved["quantiles"].shape == (3, 7, TINY.z_dim)
+    with pytest.raises(SystemExit, match=r"--index must be in 0\.\.2"):
+        main(
+            ["posterior", "--checkpoint", str(checkpoint), "--data", str(data_file), "--index", "3"]
+        )
+
+
+def test_impute_hides_a_gap_and_scores_it(checkpoint, data_file, tmp_path, capsys):
+    args = [
+        "impute",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data_file),
+        "--gap",
+        "2:4",
+        "--iterations",
+        "2",
+        "--png",
+        str(tmp_path),
+        "--png-count",
+        "1",
+    ]
+    assert main(args) == 0
+    out = _last_json(capsys)
+    assert out["num_hidden_entries"] == 3 * 2 * 88  # steps 2 and 3 of all three test sequences
+    assert out["baseline_log_likelihood_per_entry"] < 0 < out["baseline_accuracy"] <= 1
+    assert [p.split("/")[-1] for p in out["png"]] == ["impute_000.png"]
+    with pytest.raises(SystemExit, match="give --fraction or --gap"):
+        main(["impute", "--checkpoint", str(checkpoint)])
+    with pytest.raises(SystemExit):
+        main(["impute", "--checkpoint", str(checkpoint), "--gap", "5:2"])
+    assert "0 <= START < STOP" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 from dmm_jax.plots import (
     forecast_figure,
     piano_roll_figure,
+    posterior_figure,
     read_training_log,
     save_png,
     training_curves_figure,
@@ -77,3 +78,16 @@ def test_bad_training_logs_name_the_file_and_line(tmp_path):
         read_training_log(bad)
     with pytest.raises(ValueError, match="no loss values"):
         training_curves_figure([{"epoch": 0}])
+
+
+def test_posterior_figure_draws_each_latent_mean_and_band():
+    roll = np.zeros((6, 88))
+    roll[:, 40] = 1
+    mean = np.arange(12.0).reshape(6, 2)
+    quantiles = np.stack([mean - 1, mean, mean + 1])
+    figure = posterior_figure(roll, mean, quantiles, dims=(0, 1, 5))  # 5 is out of range
+    lines = figure.axes[1].lines
+    assert [line.get_label() for line in lines] == ["z[0]", "z[1]"]
+    np.testing.assert_array_equal(lines[1].get_ydata(), mean[:, 1])
+    with pytest.raises(ValueError, match="must match"):
+        posterior_figure(roll[:5], mean, quantiles)
