@@ -384,6 +384,7 @@ def impute_split(
         raise ValueError("nothing to impute: give a fraction > 0 or a gap")
     data = PaddedSequences([np.asarray(s) for s in sequences])
     baseline_logits = frequency_baseline_logits(frequencies)[0]
+    baseline_probs = emission_mean(baseline_logits)
     sums = {"model_ll": 0.0, "baseline_ll": 0.0, "model_hits": 0, "baseline_hits": 0}
     hidden = 0
     for i, indices in enumerate(sorted_batches(data.lengths, batch_size)):
@@ -391,7 +392,6 @@ def impute_split(
         hide_key, impute_key = jax.random.split(jax.random.fold_in(key, i))
         missing = hide_entries(hide_key, x, lengths, fraction, gap)
         out = impute(params, impute_key, x, lengths, missing, config, num_iterations)
-        baseline_probs = emission_mean(baseline_logits)
         for name, log_prob, probs in (
             ("model", out["log_prob"], out["probs"]),
             ("baseline", emission_log_prob(baseline_logits, x), baseline_probs),
