@@ -98,6 +98,10 @@ def test_forecast_split_scores_every_real_continuation_step(tiny_config, key):
     # are independent, so its marginals sum to its joint.
     base_steps = np.array(out["baseline_marginal_by_step"]) * [3, 3, 3, 2, 2, 1]
     np.testing.assert_allclose(base_steps.sum(), want, rtol=1e-5)
+    model_steps = np.array(out["model_marginal_by_step"]) * [3, 3, 3, 2, 2, 1]
+    np.testing.assert_allclose(
+        out["model_marginal_log_likelihood_per_step"], model_steps.sum() / 14
+    )
     with pytest.raises(ValueError, match="horizon"):
         forecast_split(params, key, seqs, tiny_config, prefix_length=4, horizon=0, frequencies=freq)
     with pytest.raises(ValueError, match="longer than the prefix"):
