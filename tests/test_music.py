@@ -70,3 +70,25 @@ def test_bad_rolls_and_files_are_clear_errors(tmp_path):
     junk.write_bytes(b"not a midi file")
     with pytest.raises(ValueError, match="junk.mid"):
         read_midi(junk)
+
+
+def test_reading_merges_tracks_and_rounds_to_beats(tmp_path):
+    """A type-1 file from elsewhere: 96 ticks a beat, two parts, a note never released."""
+    midi = mido.MidiFile(type=1, ticks_per_beat=96)
+    soprano, bass = mido.MidiTrack(), mido.MidiTrack()
+    soprano += [
+        mido.Message("note_on", note=72, velocity=90, time=0),
+        mido.Message("note_on", note=72, velocity=0, time=190),  # 2 beats, slightly early
+        mido.Message("note_on", note=74, velocity=90, time=2),
+    ]  # 74 sounds to the end of the track
+    soprano.append(mido.MetaMessage("end_of_track", time=96 * 2))
+    bass += [
+        mido.Message("note_on", note=48, velocity=70, channel=1, time=96),
+        mido.Message("note_off", note=48, channel=1, time=96 * 3),
+    ]
+    midi.tracks += [soprano, bass]
+    path = tmp_path / "two_parts.mid"
+    midi.save(path)
+    roll = read_midi(path)
+    assert roll.shape == (4, 88)
+    assert piano_roll_notes(roll) == [Note(72, 0, 2), Note(48, 1, 3), Note(74, 2, 2)]
