@@ -21,7 +21,7 @@ import numpy as np
 
 from dmm_jax.checkpoint import CheckpointError
 from dmm_jax.config import DMMConfig, TrainConfig
-from dmm_jax.data import DATASETS, DataError, load_dataset
+from dmm_jax.data import DATASETS, NUM_NOTES, DataError, load_dataset
 from dmm_jax.data.batching import PaddedSequences
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.files import atomic_write_bytes
@@ -265,6 +265,12 @@ def _sample(args: argparse.Namespace) -> int:
     _require(args.length >= 1, "sample", f"--length must be >= 1, got {args.length}")
     _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
     run = load_run(args.checkpoint)
+    _require(
+        run.model_config.obs_dim == NUM_NOTES or (args.midi is None and args.png is None),
+        "sample",
+        f"--midi and --png need {NUM_NOTES}-key piano rolls; this model emits "
+        f"{run.model_config.obs_dim} values a step",
+    )
     out = sample_prior(
         run.params, jax.random.PRNGKey(args.seed), run.model_config, args.num, args.length
     )
