@@ -1,4 +1,6 @@
-"""``dmm-jax``: a thin command line over the library (train, evaluate).
+"""``dmm-jax``: a thin command line over the library.
+
+Subcommands: train, evaluate, sample, forecast, posterior, impute, plot.
 
 Every subcommand builds configs from its flags and calls one library function; nothing here
 that a test or a notebook could not call directly.
@@ -7,6 +9,7 @@ that a test or a notebook could not call directly.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -27,14 +31,45 @@ from dmm_jax.config import (
     DMMConfig,
     TrainConfig,
 )
-from dmm_jax.data import DATASETS, DataError, load_dataset
+from dmm_jax.data import DATASETS, NUM_NOTES, DataError, load_dataset
 from dmm_jax.data.arrays import load_arrays
+from dmm_jax.data.batching import PaddedSequences
 from dmm_jax.evaluate import evaluate_split
+from dmm_jax.files import atomic_write_bytes
+from dmm_jax.generate import (
+    forecast,
+    forecast_split,
+    hide_entries,
+    impute,
+    impute_split,
+    note_frequencies,
+    posterior_latents,
+    sample_prior,
+)
+from dmm_jax.music import write_midi
 from dmm_jax.nn import EMISSION_NETS, EMISSION_SCALES, EMISSIONS, TRANSITIONS
+from dmm_jax.plots import (
+    forecast_figure,
+    piano_roll_figure,
+    posterior_figure,
+    read_training_log,
+    save_png,
+    training_curves_figure,
+)
 from dmm_jax.train import fit, load_run
 
 _DEFAULT_MODEL = DMMConfig()
 _DEFAULT_TRAIN = TrainConfig()
+
+
+def _gap(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(part) for part in text.split(":"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected START:STOP steps, got {text!r}") from err
+    if not 0 <= start < stop:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < STOP, got {text!r}")
+    return start, stop
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, dataset_default: str | None) -> None:
@@ -212,6 +247,57 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=_DEFAULT_TRAIN.eval_batch_size)
     _add_parallel_flags(evaluate)
+
+    sample = sub.add_parser("sample", help="draw piano rolls from the prior; MIDI files, PNGs")
+    sample.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    sample.add_argument("--num", type=int, default=4, help="number of sequences")
+    sample.add_argument("--length", type=int, default=64, help="time steps (quarter notes) each")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--midi", default=None, help="folder for sample_NNN.mid")
+    sample.add_argument("--png", default=None, help="folder for sample_NNN.png")
+    sample.add_argument("--tempo", type=float, default=120.0, help="MIDI tempo, quarter notes/min")
+
+    fc = sub.add_parser(
+        "forecast", help="forecast log-likelihood of continuations vs a per-note-frequency baseline"
+    )
+    fc.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    _add_data_flags(fc, None)
+    fc.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    fc.add_argument("--prefix", type=int, default=16, help="steps given (k)")
+    fc.add_argument("--horizon", type=int, default=16, help="steps forecast after the prefix")
+    fc.add_argument("--samples", type=int, default=100, help="forecast draws per sequence")
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--batch-size", type=int, default=32)
+    fc.add_argument("--png", default=None, help="folder for forecast_NNN.png vs the truth")
+    fc.add_argument("--png-count", type=int, default=4, help="how many sequences to draw")
+
+    post = sub.add_parser("posterior", help="latent trajectory of one sequence under the guide")
+    post.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    _add_data_flags(post, None)
+    post.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    post.add_argument("--index", type=int, default=0, help="which sequence of the split")
+    post.add_argument("--samples", type=int, default=100, help="guide draws")
+    post.add_argument("--seed", type=int, default=0)
+    post.add_argument("--out", default=None, help=".npz file: x, mean, quantiles, levels")
+    post.add_argument("--png", default=None, help="PNG file: the sequence above its latents")
+
+    imp = sub.add_parser(
+        "impute", help="hide entries of a split, fill them in, score against the baseline"
+    )
+    imp.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
+    _add_data_flags(imp, None)
+    imp.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    imp.add_argument("--fraction", type=float, default=0.0, help="hide each entry with this p")
+    imp.add_argument("--gap", type=_gap, default=None, help="hide steps START:STOP entirely")
+    imp.add_argument("--iterations", type=int, default=20, help="guide/emitter refills")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument("--batch-size", type=int, default=32)
+    imp.add_argument("--png", default=None, help="folder for impute_NNN.png")
+    imp.add_argument("--png-count", type=int, default=2, help="how many sequences to draw")
+
+    plot = sub.add_parser("plot", help="training/validation/test curves from a --log-json file")
+    plot.add_argument("--log", required=True, help="the JSON-lines file of dmm-jax train")
+    plot.add_argument("--out", required=True, help="PNG file to write")
     return parser
 
 
@@ -347,6 +433,213 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require(condition: bool, command: str, message: str) -> None:
+    if not condition:
+        raise SystemExit(f"dmm-jax {command}: {message}")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    _require(args.num >= 1, "sample", f"--num must be >= 1, got {args.num}")
+    _require(args.length >= 1, "sample", f"--length must be >= 1, got {args.length}")
+    _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
+    run = load_run(args.checkpoint)
+    _require(
+        run.model_config.obs_dim == NUM_NOTES or (args.midi is None and args.png is None),
+        "sample",
+        f"--midi and --png need {NUM_NOTES}-key piano rolls; this model emits "
+        f"{run.model_config.obs_dim} values a step",
+    )
+    out = sample_prior(
+        run.params, jax.random.PRNGKey(args.seed), run.model_config, args.num, args.length
+    )
+    rolls = np.asarray(out["x"])
+    written: dict[str, list[str]] = {"midi": [], "png": []}
+    for i, roll in enumerate(rolls):
+        if args.midi is not None:
+            path = write_midi(Path(args.midi) / f"sample_{i:03d}.mid", roll, tempo_bpm=args.tempo)
+            written["midi"].append(str(path))
+        if args.png is not None:
+            figure = piano_roll_figure([roll], [f"sample {i} (seed {args.seed})"])
+            written["png"].append(str(save_png(figure, Path(args.png) / f"sample_{i:03d}.png")))
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "epochs_trained": int(run.state.epoch),
+        "num": args.num,
+        "length": args.length,
+        "seed": args.seed,
+        "notes_per_step": float(rolls.sum() / (args.num * args.length)),
+        **written,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    for flag in ("prefix", "horizon", "samples", "batch_size"):
+        value = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        _require(value >= 1, "forecast", f"{name} must be >= 1, got {value}")
+    run, dataset = _run_dataset("forecast", args)
+    sequences = dataset.split(args.split).sequences
+    key = jax.random.PRNGKey(args.seed)
+    try:
+        result = forecast_split(
+            run.params,
+            key,
+            sequences,
+            run.model_config,
+            prefix_length=args.prefix,
+            horizon=args.horizon,
+            num_samples=args.samples,
+            frequencies=note_frequencies(dataset.train.sequences),
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax forecast: {err}") from err
+    pngs = []
+    if args.png is not None and args.png_count > 0:
+        shown = [s for s in sequences if len(s) > args.prefix][: args.png_count]
+        # Padded to the scoring batch's shape, so the forecast compiled above is reused.
+        prefixes = np.zeros(
+            (max(args.batch_size, len(shown)), args.prefix, run.model_config.obs_dim)
+        )
+        prefixes[: len(shown)] = [s[: args.prefix] for s in shown]
+        lengths = jnp.full(len(prefixes), args.prefix, jnp.int32)
+        probs = forecast(
+            run.params,
+            key,
+            jnp.asarray(prefixes, jnp.float32),
+            lengths,
+            run.model_config,
+            args.horizon,
+            args.samples,
+        )["mean_probs"]
+        for i, seq in enumerate(shown):
+            truth = seq[args.prefix : args.prefix + args.horizon]
+            figure = forecast_figure(
+                seq[: args.prefix], truth, np.asarray(probs[i, : len(truth)]), f"sequence {i}"
+            )
+            pngs.append(str(save_png(figure, Path(args.png) / f"forecast_{i:03d}.png")))
+    result = {
+        "dataset": dataset.name,
+        "split": args.split,
+        "checkpoint": str(args.checkpoint),
+        "epochs_trained": int(run.state.epoch),
+        **result,
+        "png": pngs,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _run_dataset(command: str, args: argparse.Namespace):
+    """The checkpoint's run and the dataset it was trained on (or --dataset)."""
+    run = load_run(args.checkpoint)
+    name = args.dataset or run.metadata.get("dataset")
+    _require(name is not None, command, "the checkpoint does not name its dataset; pass --dataset")
+    return run, load_dataset(name, args.data)
+
+
+def _posterior(args: argparse.Namespace) -> int:
+    _require(args.samples >= 1, "posterior", f"--samples must be >= 1, got {args.samples}")
+    run, dataset = _run_dataset("posterior", args)
+    sequences = dataset.split(args.split).sequences
+    _require(
+        0 <= args.index < len(sequences),
+        "posterior",
+        f"--index must be in 0..{len(sequences) - 1} for the {args.split} split, got {args.index}",
+    )
+    x = np.asarray(sequences[args.index])
+    levels = (0.05, 0.5, 0.95)
+    out = posterior_latents(
+        run.params,
+        jax.random.PRNGKey(args.seed),
+        jnp.asarray(x[None], jnp.float32),
+        jnp.array([len(x)], jnp.int32),
+        run.model_config,
+        args.samples,
+        levels,
+    )
+    mean, quantiles = np.asarray(out["mean"][0]), np.asarray(out["quantiles"][:, 0])
+    result = {"split": args.split, "index": args.index, "num_steps": len(x), "levels": levels}
+    if args.out is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x, mean=mean, quantiles=quantiles, levels=np.array(levels))
+        result["npz"] = str(atomic_write_bytes(args.out, buffer.getvalue()))
+    if args.png is not None:
+        result["png"] = str(save_png(posterior_figure(x, mean, quantiles), args.png))
+    # How much the latents move over time and how uncertain they are, in one line each.
+    result["mean_abs_step_change"] = float(np.abs(np.diff(mean, axis=0)).mean())
+    result["mean_band_width"] = float((quantiles[-1] - quantiles[0]).mean())
+    print(json.dumps(result))
+    return 0
+
+
+def _impute(args: argparse.Namespace) -> int:
+    _require(
+        0.0 <= args.fraction <= 1.0, "impute", f"--fraction must be in [0, 1], got {args.fraction}"
+    )
+    _require(args.fraction > 0 or args.gap is not None, "impute", "give --fraction or --gap")
+    for flag in ("iterations", "batch_size"):
+        value = getattr(args, flag)
+        _require(value >= 1, "impute", f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    run, dataset = _run_dataset("impute", args)
+    sequences = dataset.split(args.split).sequences
+    key = jax.random.PRNGKey(args.seed)
+    try:
+        result = impute_split(
+            run.params,
+            key,
+            sequences,
+            run.model_config,
+            frequencies=note_frequencies(dataset.train.sequences),
+            fraction=args.fraction,
+            gap=args.gap,
+            num_iterations=args.iterations,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax impute: {err}") from err
+    pngs = []
+    if args.png is not None and args.png_count > 0:
+        shown = list(sequences[: args.png_count])
+        x, lengths = PaddedSequences(shown).batch(np.arange(len(shown)), len(shown))
+        hide_key, impute_key = jax.random.split(key)
+        missing = hide_entries(hide_key, x, lengths, args.fraction, args.gap)
+        out = impute(run.params, impute_key, x, lengths, missing, run.model_config, args.iterations)
+        missing, probs = np.asarray(missing), np.asarray(out["probs"])
+        for i, seq in enumerate(shown):
+            n, hidden = len(seq), missing[i, : len(seq)]
+            given = np.where(hidden, 0.3, seq)  # hidden entries drawn light grey
+            figure = piano_roll_figure(
+                [seq, given, probs[i, :n]],
+                ["truth", "given (hidden in grey)", "imputed P(note) where hidden"],
+            )
+            pngs.append(str(save_png(figure, Path(args.png) / f"impute_{i:03d}.png")))
+    print(json.dumps({"dataset": dataset.name, "split": args.split, **result, "png": pngs}))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        figure = training_curves_figure(read_training_log(args.log))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dmm-jax plot: {err}") from err
+    print(json.dumps({"log": str(args.log), "png": str(save_png(figure, args.out))}))
+    return 0
+
+
+_COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "sample": _sample,
+    "forecast": _forecast,
+    "posterior": _posterior,
+    "impute": _impute,
+    "plot": _plot,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cache = compile_cache_dir(args.compile_cache)
@@ -355,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
-        return {"train": _train, "evaluate": _evaluate}[args.command](args)
+        return _COMMANDS[args.command](args)
     except (DataError, CheckpointError) as err:
         print(f"dmm-jax {args.command}: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,216 @@
+"""``dmm-jax sample``, ``forecast`` and ``plot`` on a tiny checkpoint and a tiny data file."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dmm_jax.checkpoint import save_checkpoint
+from dmm_jax.cli import main
+from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.generate import posterior_latents, sample_prior
+from dmm_jax.music import read_midi
+from dmm_jax.train import build_svi, init_train_state, load_run
+
+TINY = DMMConfig(z_dim=3, emission_dim=8, transition_dim=8, rnn_dim=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained 88-key model saved as ``dmm-jax train`` saves one."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    config = TrainConfig(epochs=1)
+    state = init_train_state(build_svi(TINY, config), 0, TINY.obs_dim)
+    save_checkpoint(
+        directory,
+        state,
+        model_config=TINY,
+        train_config=config,
+        history=[],
+        metadata={"dataset": "jsb_chorales"},
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A canonical dataset file: train/valid/test -> sequences -> steps -> MIDI notes."""
+    rng = np.random.default_rng(0)
+
+    def split(lengths):
+        return [
+            [sorted(map(int, 55 + rng.choice(20, 3, replace=False))) for _ in range(n)]
+            for n in lengths
+        ]
+
+    path = tmp_path_factory.mktemp("data") / "tiny.json"
+    path.write_text(
+        json.dumps({"train": split([9, 12]), "valid": split([5]), "test": split([10, 4, 7])})
+    )
+    return path
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sample_writes_the_prior_draws_as_midi_and_png(checkpoint, tmp_path, capsys):
+    args = [
+        "sample",
+        "--checkpoint",
+        str(checkpoint),
+        "--num",
+        "2",
+        "--length",
+        "6",
+        "--seed",
+        "3",
+        "--midi",
+        str(tmp_path / "midi"),
+        "--png",
+        str(tmp_path / "png"),
+    ]
+    assert main(args) == 0
+    out = _last_json(capsys)
+    assert len(out["midi"]) == len(out["png"]) == 2
+    # The MIDI files hold exactly the rolls the library draws from the same seed.
+    run = load_run(checkpoint)
+    rolls = sample_prior(run.params, jax.random.PRNGKey(3), run.model_config, 2, 6)["x"]
+    for path, roll in zip(out["midi"], np.asarray(rolls), strict=True):
+        np.testing.assert_array_equal(read_midi(path), roll)
+    assert out["notes_per_step"] == pytest.approx(float(rolls.sum()) / 12)
+    for path in out["png"]:
+        assert Path(path).read_bytes().startswith(b"\x89PNG")
+
+
+def test_sample_refuses_bad_arguments_and_missing_checkpoints(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--length must be >= 1, got 0"):
+        main(["sample", "--checkpoint", str(tmp_path), "--length", "0"])
+    with pytest.raises(SystemExit, match="--num must be >= 1"):
+        main(["sample", "--checkpoint", str(tmp_path), "--num", "-1"])
+    assert main(["sample", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_forecast_reports_model_and_baseline_per_step(checkpoint, data_file, tmp_path, capsys):
+    args = [
+        "forecast",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data_file),
+        "--prefix",
+        "5",
+        "--horizon",
+        "4",
+        "--samples",
+        "3",
+        "--batch-size",
+        "2",
+        "--png",
+        str(tmp_path),
+        "--png-count",
+        "1",
+    ]
+    assert main(args) == 0
+    out = _last_json(capsys)
+    assert out["dataset"] == "jsb_chorales" and out["split"] == "test"
+    # Test sequences of 10, 4 and 7 steps: the two longer than the prefix give 4 + 2 steps.
+    assert out["num_sequences"] == 2 and out["num_steps"] == 6
+    assert out["baseline_log_likelihood_per_step"] < 0
+    assert np.isfinite(out["model_log_likelihood_per_step"])
+    assert [p.split("/")[-1] for p in out["png"]] == ["forecast_000.png"]
+    with pytest.raises(SystemExit, match="--horizon must be >= 1"):
+        main(["forecast", "--checkpoint", str(checkpoint), "--horizon", "0"])
+    with pytest.raises(SystemExit, match="longer than the prefix"):
+        main(
+            [
+                "forecast",
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                str(data_file),
+                "--prefix",
+                "50",
+            ]
+        )
+
+
+def test_plot_draws_a_training_log(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"epoch": 0, "train_loss_per_step": 9.0}) + "\n")
+    assert main(["plot", "--log", str(log), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit, match="no training log at .*missing.jsonl"):
+        main(["plot", "--log", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])
+
+
+def test_posterior_writes_the_library_summaries(checkpoint, data_file, tmp_path, capsys):
+    npz, png = tmp_path / "post.npz", tmp_path / "post.png"
+    args = [
+        "posterior",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data_file),
+        "--index",
+        "2",
+        "--samples",
+        "5",
+        "--seed",
+        "1",
+        "--out",
+        str(npz),
+        "--png",
+        str(png),
+    ]
+    assert main(args) == 0
+    out = _last_json(capsys)
+    assert out["num_steps"] == 7 and png.read_bytes().startswith(b"\x89PNG")
+    saved = np.load(npz)
+    run = load_run(checkpoint)
+    want = posterior_latents(
+        run.params,
+        jax.random.PRNGKey(1),
+        saved["x"][None].astype(np.float32),
+        np.array([7]),
+        run.model_config,
+        5,
+        (0.05, 0.5, 0.95),
+    )
+    np.testing.assert_allclose(saved["mean"], want["mean"][0], rtol=1e-6)
+    assert saved["quantiles"].shape == (3, 7, TINY.z_dim)
+    with pytest.raises(SystemExit, match=r"--index must be in 0\.\.2"):
+        main(
+            ["posterior", "--checkpoint", str(checkpoint), "--data", str(data_file), "--index", "3"]
+        )
+
+
+def test_impute_hides_a_gap_and_scores_it(checkpoint, data_file, tmp_path, capsys):
+    args = [
+        "impute",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data_file),
+        "--gap",
+        "2:4",
+        "--iterations",
+        "2",
+        "--png",
+        str(tmp_path),
+        "--png-count",
+        "1",
+    ]
+    assert main(args) == 0
+    out = _last_json(capsys)
+    assert out["num_hidden_entries"] == 3 * 2 * 88  # steps 2 and 3 of all three test sequences
+    assert out["baseline_log_likelihood_per_entry"] < 0 < out["baseline_accuracy"] <= 1
+    assert [p.split("/")[-1] for p in out["png"]] == ["impute_000.png"]
+    with pytest.raises(SystemExit, match="give --fraction or --gap"):
+        main(["impute", "--checkpoint", str(checkpoint)])
+    with pytest.raises(SystemExit):
+        main(["impute", "--checkpoint", str(checkpoint), "--gap", "5:2"])
+    assert "0 <= START < STOP" in capsys.readouterr().err
