@@ -222,6 +222,29 @@ def microbatched_update(
     return SVIState(optim_state, svi_state.mutable_state, rng_key), loss
 
 
+def skipping_nonfinite(update: Callable) -> Callable:
+    """``update`` that leaves the optimizer state (parameters, moments, step count) as it was
+    when the loss or any updated parameter is not finite; the random key still advances.
+
+    A collapsing prior scale can make one mini-batch's loss or gradient overflow early in
+    training (see README, known limitations); this drops that one step instead of letting
+    NaN into the parameters. Where everything is finite it returns ``update``'s result as is.
+    """
+
+    def guarded(svi_state: SVIState, *args, **kwargs):
+        new_state, loss = update(svi_state, *args, **kwargs)
+        leaves = jax.tree.leaves(new_state.optim_state)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
+        optim_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            new_state.optim_state,
+            svi_state.optim_state,
+        )
+        return new_state._replace(optim_state=optim_state), loss
+
+    return guarded
+
+
 class UpdateStep:
     """``jax.jit(svi.update)``, compiled ahead of time once per batch shape.
 
@@ -256,11 +279,14 @@ class UpdateStep:
         if mesh is not None:  # data parallel: see dmm_jax.distributed
             same, split = distributed.replicated(mesh), distributed.batch_sharded(mesh)
             self._shardings = {"in_shardings": (same, split, split, same), "out_shardings": same}
-        self._jitted = {1: jax.jit(svi.update, donate_argnums=0, **self._shardings)}
+        self._jitted = {
+            1: jax.jit(skipping_nonfinite(svi.update), donate_argnums=0, **self._shardings)
+        }
         self._microbatch_steps = microbatch_steps
         self._executables: dict[tuple[int, ...], Any] = {}
         self._max_workers = max_workers or os.cpu_count() or 1
         self.compile_seconds = 0.0
+        self.skipped_updates = 0  # steps dropped for a non-finite loss or parameter
 
     @property
     def compiled_shapes(self) -> list[tuple[int, ...]]:
@@ -303,7 +329,7 @@ class UpdateStep:
     def _jitted_for(self, shape: tuple[int, ...]):
         count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
         if count not in self._jitted:
-            update = functools.partial(microbatched_update, self._svi, count)
+            update = skipping_nonfinite(functools.partial(microbatched_update, self._svi, count))
             self._jitted[count] = jax.jit(update, donate_argnums=0, **self._shardings)
         return self._jitted[count]
 
@@ -423,7 +449,9 @@ def train_epoch(
 ) -> tuple[TrainState, float, float]:
     """One pass over ``data`` in shuffled mini-batches.
 
-    Returns (new state, summed loss, last annealing factor).
+    Returns (new state, loss summed over the updates applied, last annealing factor). An
+    update with a non-finite loss or result is dropped (``skipping_nonfinite``) and counted in
+    ``update.skipped_updates``; an epoch in which every update was dropped raises.
     """
     epoch = int(state.epoch)
     epoch_key = jax.random.fold_in(state.data_key, epoch)
@@ -456,7 +484,12 @@ def train_epoch(
         factor = annealing_factor(epoch, i, len(batches), config)
         svi_state, loss = update(svi_state, x, lengths, factor, **covariates)
         losses.append(loss)  # stays on device: no sync per batch
-    total = float(jnp.sum(jnp.stack(losses)))
+    losses = np.asarray(jnp.stack(losses))
+    finite = np.isfinite(losses)
+    if not finite.any():
+        raise FloatingPointError(f"every update of epoch {epoch} had a non-finite loss")
+    update.skipped_updates += int((~finite).sum())
+    total = float(losses[finite].sum())  # over the updates applied
     return state._replace(svi_state=svi_state, epoch=jnp.int32(epoch + 1)), total, factor
 
 
@@ -536,11 +569,10 @@ def fit(
         while int(state.epoch) < train_config.epochs and not stopper.stopped:
             epoch = int(state.epoch)
             start = time.perf_counter()
+            skipped_before = update.skipped_updates
             state, loss_sum, factor = train_epoch(
                 update, state, train_data, train_config, progress=progress
             )
-            if not np.isfinite(loss_sum):
-                raise FloatingPointError(f"training loss is {loss_sum} at epoch {epoch}")
             record = {
                 "epoch": epoch,
                 "train_loss_per_step": loss_sum / train_data.num_steps,
@@ -548,6 +580,7 @@ def fit(
                 "annealing_factor": factor,
                 "compiled_shapes": len(update.compiled_shapes),
                 "compile_seconds": update.compile_seconds,
+                "skipped_updates": update.skipped_updates - skipped_before,
             }
             every = train_config.eval_every
             due = epoch + 1 == train_config.epochs or (every and (epoch + 1) % every == 0)
@@ -600,4 +633,6 @@ def _format_record(record: dict[str, Any]) -> str:
     for name in ("val", "test"):
         if f"{name}_loss_per_step" in record:
             line += f"  {name} {record[f'{name}_loss_per_step']:.4f}"
+    if record.get("skipped_updates"):
+        line += f"  ({record['skipped_updates']} non-finite updates skipped)"
     return line + f" \t\t\t\t(dt = {record['seconds']:.3f} sec)"

@@ -134,14 +134,18 @@ def test_microbatched_update_sums_the_numpyro_gradients_of_each_group(tiny_confi
     params = svi.optim.get_params(state.optim_state)
     model_fn, guide_fn = partial(model, config=tiny_config), partial(guide, config=tiny_config)
     loss, grads = 0.0, jax.tree.map(jnp.zeros_like, params)
+
+    @jax.jit
+    def group_loss_and_grads(p, key, x_group, lengths_group):
+        elbo = Trace_ELBO()
+        return jax.value_and_grad(
+            lambda q: elbo.loss(key, q, model_fn, guide_fn, x_group, lengths_group, 0.5)
+        )(p)
+
     for group in range(3):
         rows = slice(2 * group, 2 * group + 2)
-
-        def group_loss(p, group=group, rows=rows):
-            key = jax.random.fold_in(step_key, group)
-            return Trace_ELBO().loss(key, p, model_fn, guide_fn, x[rows], lengths[rows], 0.5)
-
-        value, g = jax.value_and_grad(group_loss)(params)
+        key = jax.random.fold_in(step_key, group)
+        value, g = group_loss_and_grads(params, key, x[rows], lengths[rows])
         loss, grads = loss + value, jax.tree.map(jnp.add, grads, g)
     expected = svi.optim.get_params(svi.optim.update(grads, state.optim_state, value=loss))
 
@@ -264,3 +268,23 @@ def test_fit_stops_early_and_keeps_the_best_checkpoint(tiny_config, tmp_path):
         resume=True,
     )
     assert len(again.history) == len(history)
+
+
+def test_update_step_drops_an_update_whose_loss_is_not_finite(tiny_config):
+    svi = build_svi(tiny_config, TrainConfig(learning_rate=1e-2))
+    state = init_train_state(svi, 0, tiny_config.obs_dim).svi_state
+    before = jax.tree.map(np.asarray, svi.get_params(state))
+    update = UpdateStep(svi)
+    x, lengths = random_binary_batch(0, 4, 8, tiny_config.obs_dim, lengths=[8, 8, 8, 8])
+    state, loss = update(state, x, lengths, np.inf)  # an infinite KL weight: loss not finite
+    assert not np.isfinite(float(loss))
+    after = svi.get_params(state)
+    for name in before:
+        for a, b in zip(jax.tree.leaves(after[name]), jax.tree.leaves(before[name])):
+            np.testing.assert_array_equal(a, b)
+    state, loss = update(state, x, lengths, 1.0)  # a finite batch updates as usual
+    assert np.isfinite(float(loss))
+    moved = svi.get_params(state)
+    assert any(
+        not np.allclose(a, b) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(before))
+    )
