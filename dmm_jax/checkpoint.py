@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 from flax import serialization
 
 from dmm_jax.config import DMMConfig, TrainConfig, config_from_dict, config_to_dict
+from dmm_jax.files import atomic_write_bytes
 
 CHECKPOINT_FILE = "checkpoint.msgpack"
 BEST_FILE = "best.msgpack"
@@ -60,16 +60,7 @@ def save_checkpoint(
     }
     data = serialization.msgpack_serialize(payload)
     target = checkpoint_path(directory, filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
