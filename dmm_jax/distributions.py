@@ -235,17 +235,21 @@ class StructuredPosterior(Distribution):
     def log_prob(self, value: Array, intermediates: list[Array] | None = None) -> Array:
         if intermediates:
             return _log_prob_from_noise(intermediates, self.mask)
-        if self.flow is not None:
-            raise NotImplementedError(
-                "log_prob of a flowed guide needs the sample intermediates (the flow is not "
-                "inverted); score draws from sample_with_intermediates"
-            )
+        _refuse_flow_without_intermediates(self.flow)
         loc, scale = self.combiner(_shift_right(self.z_q_0, value), self.hidden)
         return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
 
     def step_params(self, value: Array, intermediates: list[Array]) -> tuple[Array, Array]:
         """(loc, scale) of each step q(z_t | z_{t-1}, x) of a draw without flow, [B, T, Z]."""
         return _step_params(value, intermediates, self.flow)
+
+
+def _refuse_flow_without_intermediates(flow) -> None:
+    if flow is not None:
+        raise NotImplementedError(
+            "log_prob of a flowed guide needs the sample intermediates (the flow is not "
+            "inverted); score draws from sample_with_intermediates"
+        )
 
 
 def _log_prob_from_noise(intermediates: list[Array], mask: Array | None) -> Array:
@@ -308,11 +312,7 @@ class MeanFieldPosterior(Distribution):
     def log_prob(self, value: Array, intermediates: list[Array] | None = None) -> Array:
         if intermediates:
             return _log_prob_from_noise(intermediates, self.mask)
-        if self.flow is not None:
-            raise NotImplementedError(
-                "log_prob of a flowed guide needs the sample intermediates (the flow is not "
-                "inverted); score draws from sample_with_intermediates"
-            )
+        _refuse_flow_without_intermediates(self.flow)
         return _masked_sum(normal_log_prob(value, self.loc, self.scale), self.mask)
 
     def step_params(self, value: Array, intermediates: list[Array]) -> tuple[Array, Array]:

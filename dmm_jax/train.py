@@ -326,6 +326,12 @@ class UpdateStep:
         self._executables.update(zip(specs, executables))
         self.compile_seconds += time.perf_counter() - start
 
+    def has_compiled(self, shape: tuple[int, ...]) -> bool:
+        """Whether a batch of ``shape`` (before padding for the mesh) is compiled already."""
+        if self.mesh is not None:
+            shape = (distributed.padded_batch_size(shape[0], self.mesh), *shape[1:])
+        return tuple(shape) in self._executables
+
     def _jitted_for(self, shape: tuple[int, ...]):
         count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
         if count not in self._jitted:
@@ -459,9 +465,11 @@ def train_epoch(
         batches = length_grouped_batches(epoch_key, data.lengths, config.batch_size)
     else:
         batches = shuffled_batches(epoch_key, len(data), config.batch_size)
-    one_per_shape = {}
+    one_per_shape = {}  # one example batch per shape this epoch needs and has not compiled
     for indices in batches:
-        one_per_shape.setdefault(data.padded_shape(indices, config.batch_size), indices)
+        shape = data.padded_shape(indices, config.batch_size)
+        if not update.has_compiled(shape):
+            one_per_shape.setdefault(shape, indices)
     update.compile(
         state.svi_state,
         [
