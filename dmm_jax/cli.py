@@ -222,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--num-iafs", type=int, default=m.num_iafs, help="IAF layers on q(z_t)")
     train.add_argument("--iaf-dim", type=int, default=m.iaf_dim, help="hidden units per IAF")
+    train.add_argument(
+        "--augmented",
+        action="store_true",
+        help="DMM-Aug (paper, Table 3): x_{t-1} also feeds the transition and the emission",
+    )
     train.add_argument("--checkpoint-dir", default=None, help="atomic checkpoint after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
@@ -364,6 +369,7 @@ def _train(args: argparse.Namespace) -> int:
             guide=args.guide,
             num_iafs=args.num_iafs,
             iaf_dim=args.iaf_dim,
+            augmented=args.augmented,
         )
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
@@ -655,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         return _COMMANDS[args.command](args)
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, NotImplementedError) as err:
         print(f"dmm-jax {args.command}: {err}", file=sys.stderr)
         return 2
 

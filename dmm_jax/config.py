@@ -52,6 +52,11 @@ class DMMConfig:
     # (the reference's num_iafs / iaf_dim).
     num_iafs: int = 0
     iaf_dim: int = 50
+    # DMM-Aug (Krishnan et al. 2017, Table 3): the previous observation x_{t-1} (zeros before
+    # the first step) joins the inputs of the transition's gate and proposed mean and of the
+    # emission network, i.e. edges x_{t-1} -> z_t and x_{t-1} -> x_t (the authors' code calls
+    # these use_prev_input and the "conditional" emission). The guide is unchanged.
+    augmented: bool = False
 
     def __post_init__(self):
         for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim", "iaf_dim"):
@@ -90,8 +95,21 @@ class DMMConfig:
 
     @property
     def covariate_dim(self) -> int:
-        """Width of what the transition sees besides z_{t-1}: the inputs, then dt."""
+        """Width of the given covariates, inputs then dt (the encoders read them too)."""
         return self.input_dim + int(self.use_dt)
+
+    @property
+    def transition_covariate_dim(self) -> int:
+        """Width of what the transition sees besides z_{t-1}: covariates, then x_{t-1} if
+        augmented."""
+        return self.covariate_dim + (self.obs_dim if self.augmented else 0)
+
+    @property
+    def emission_input_dim(self) -> int:
+        """Width of the emission's input: z_t, then u_t if inputs_to_emission, then x_{t-1}
+        if augmented."""
+        inputs = self.input_dim if self.inputs_to_emission else 0
+        return self.z_dim + inputs + (self.obs_dim if self.augmented else 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,9 +71,15 @@ def _guide_latents(params: dict, key: Array, x: Array, lengths: Array, config: D
     return handlers.trace(seeded).get_trace(x, lengths, config=config)["z"]["value"]
 
 
-def _roll_out(params, key, config, z_start, num_steps):
-    """z_{1:T} from the prior chain started at z_start [N, Z]; then x ~ p(x | z)."""
+def _roll_out(params, key, config, z_start, num_steps, x_start=None):
+    """z_{1:T} from the prior chain started at z_start [N, Z]; then x ~ p(x | z).
+
+    DMM-Aug feeds each drawn x_t back into step t+1, so z and x are drawn together in one
+    scan, starting from the observation ``x_start`` [N, X] (zeros: the model's x_0).
+    """
     transition, emitter = _networks(params, config)
+    if config.augmented:
+        return _roll_out_augmented(transition, emitter, key, config, z_start, num_steps, x_start)
     z_key, x_key = jax.random.split(key)
     z = MarkovGaussianChain(transition, z_start, z_start.shape[0], num_steps).sample(z_key)
     logits = emitter(z)
@@ -83,6 +89,25 @@ def _roll_out(params, key, config, z_start, num_steps):
         "probs": emission_mean(logits),
         "x": emission_sample(x_key, logits),
     }
+
+
+def _roll_out_augmented(transition, emitter, key, config, z_start, num_steps, x_start):
+    if x_start is None:
+        x_start = jnp.zeros((z_start.shape[0], config.obs_dim), jnp.float32)
+
+    def step(carry, key):
+        z_prev, x_prev = carry
+        z_key, x_key = jax.random.split(key)
+        loc, scale = transition(z_prev, x_prev)
+        z = loc + scale * jax.random.normal(z_key, loc.shape, loc.dtype)
+        logits = emitter(jnp.concatenate([z, x_prev], axis=-1))
+        x = emission_sample(x_key, logits)
+        return (z, x.astype(x_prev.dtype)), (z, logits, x)
+
+    keys = jax.random.split(key, num_steps)
+    _, (z, logits, x) = jax.lax.scan(step, (z_start, x_start.astype(jnp.float32)), keys)
+    z, logits, x = (jnp.swapaxes(a, 0, 1) for a in (z, logits, x))  # time-major -> [N, T, ...]
+    return {"z": z, "logits": logits, "probs": emission_mean(logits), "x": x}
 
 
 # ----------------------------------------------------------------------------- prior
@@ -125,10 +150,14 @@ def forecast(
     def one(key):
         guide_key, roll_key = jax.random.split(key)
         z = _guide_latents(params, guide_key, x_prefix, prefix_lengths, config)
-        last = jnp.take_along_axis(z, (prefix_lengths - 1)[:, None, None], axis=1)[:, 0]
-        # An empty prefix starts from the prior's z_0.
-        z_start = jnp.where((prefix_lengths > 0)[:, None], last, params["z_0"])
-        return _roll_out(params, roll_key, config, z_start, horizon)
+        last_step = (prefix_lengths - 1)[:, None, None]
+        last = jnp.take_along_axis(z, last_step, axis=1)[:, 0]
+        # An empty prefix starts from the prior's z_0 (and, for DMM-Aug, x_0 = 0).
+        started = (prefix_lengths > 0)[:, None]
+        z_start = jnp.where(started, last, params["z_0"])
+        x_last = jnp.take_along_axis(x_prefix, jnp.maximum(last_step, 0), axis=1)[:, 0]
+        x_start = jnp.where(started, x_last, 0.0)
+        return _roll_out(params, roll_key, config, z_start, horizon, x_start)
 
     draws = jax.vmap(one)(jax.random.split(key, num_samples))
     draws.pop("z")
@@ -332,6 +361,9 @@ def impute(
     """
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if config.augmented:
+        # Redrawing x_t from p(x_t | z_t, x_{t-1}) alone would ignore x_t's effect on step t+1.
+        raise NotImplementedError("impute does not support DMM-Aug (config.augmented) models")
     _, emitter = _networks(params, config)
     missing = missing & sequence_mask(lengths, x.shape[1])[..., None]
     start = jnp.where(missing, jnp.zeros_like(x), x)

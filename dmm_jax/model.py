@@ -11,6 +11,8 @@ as a traced argument a new value never recompiles. Optional keyword arguments:
 
     model:  z_t ~ N(Transition(z_{t-1}, c_t)),  x_t ~ Bernoulli(logits=Emitter(z_t)) or
                                                 x_t ~ N(Emitter(z_t))     (c_t = [u_t, dt_t])
+            DMM-Aug (``config.augmented``): c_t gains x_{t-1} and the emitter reads
+            [z_t, x_{t-1}] (x_0 = 0)
     guide:  h_{1:T} = BackwardEncoder([x, c]),   z_t ~ N(Combiner(z_{t-1}, h_t))
 
 A missing entry contributes nothing to log p(x | z) and is fed to the encoder as 0; it is
@@ -104,6 +106,11 @@ def transition_covariates(
     return jnp.concatenate(parts, axis=-1) if parts else None
 
 
+def previous_observations(x: Array) -> Array:
+    """x_{t-1} at step t, [B, T, X]; zeros at t = 0 (DMM-Aug's extra input)."""
+    return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+
 def example_covariates(config: DMMConfig) -> dict[str, Array]:
     """Zero ``inputs``/``dt`` of one step of one sequence, for initialising parameters."""
     example = {}
@@ -145,23 +152,30 @@ def model(
     """p(x_{1:T}, z_{1:T}) for each sequence of the batch; returns the latents z [B, T, Z]."""
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
-    cov_example = () if covariates is None else (jnp.zeros((1, config.covariate_dim)),)
+    x, present = observed_entries(x, obs_mask)
+    x_prev = previous_observations(x) if config.augmented else None
+    if x_prev is not None:
+        covariates = x_prev if covariates is None else jnp.concatenate([covariates, x_prev], -1)
+    cov_example = () if covariates is None else (jnp.zeros((1, config.transition_covariate_dim)),)
     transition = flax_module(
         "transition", _transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
     )
-    emission_in_dim = config.z_dim + (config.input_dim if config.inputs_to_emission else 0)
-    emitter = flax_module("emitter", _emitter_module(config), input_shape=(1, emission_in_dim))
+    emitter = flax_module(
+        "emitter", _emitter_module(config), input_shape=(1, config.emission_input_dim)
+    )
     z_0 = numpyro.param("z_0", jnp.zeros(config.z_dim))
     mask = sequence_mask(lengths, num_steps)
-    x, present = observed_entries(x, obs_mask)
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
             z = numpyro.sample(
                 "z", MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates)
             )
-        emission_in = z
+        emission_in = [z]
         if config.inputs_to_emission:
-            emission_in = jnp.concatenate([z, jnp.asarray(inputs, z.dtype)], axis=-1)
+            emission_in.append(jnp.asarray(inputs, z.dtype))
+        if x_prev is not None:
+            emission_in.append(x_prev.astype(z.dtype))
+        emission_in = jnp.concatenate(emission_in, axis=-1) if len(emission_in) > 1 else z
         if config.emission == "gaussian":
             per_entry = dist.Normal(*emitter(emission_in))
         else:
