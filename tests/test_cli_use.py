@@ -1,5 +1,6 @@
 """``dmm-jax sample``, ``forecast`` and ``plot`` on a tiny checkpoint and a tiny data file."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,21 +18,24 @@ from dmm_jax.train import build_svi, init_train_state, load_run
 TINY = DMMConfig(z_dim=3, emission_dim=8, transition_dim=8, rnn_dim=8)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def _untrained_checkpoint(directory, model_config):
     """An untrained 88-key model saved as ``dmm-jax train`` saves one."""
-    directory = tmp_path_factory.mktemp("ckpt")
     config = TrainConfig(epochs=1)
-    state = init_train_state(build_svi(TINY, config), 0, TINY.obs_dim)
+    state = init_train_state(build_svi(model_config, config), 0, model_config.obs_dim)
     save_checkpoint(
         directory,
         state,
-        model_config=TINY,
+        model_config=model_config,
         train_config=config,
         history=[],
         metadata={"dataset": "jsb_chorales"},
     )
     return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _untrained_checkpoint(tmp_path_factory.mktemp("ckpt"), TINY)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +218,14 @@ def test_impute_hides_a_gap_and_scores_it(checkpoint, data_file, tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["impute", "--checkpoint", str(checkpoint), "--gap", "5:2"])
     assert "0 <= START < STOP" in capsys.readouterr().err
+
+
+def test_augmented_checkpoint_samples_and_refuses_impute(data_file, tmp_path, capsys):
+    augmented = dataclasses.replace(TINY, augmented=True)
+    directory = _untrained_checkpoint(tmp_path / "aug", augmented)
+    assert load_run(directory).model_config.augmented
+    assert main(["sample", "--checkpoint", str(directory), "--num", "1", "--length", "5"]) == 0
+    assert _last_json(capsys)["num"] == 1
+    args = ["impute", "--checkpoint", str(directory), "--data", str(data_file), "--gap", "1:2"]
+    assert main(args) == 2
+    assert "impute does not support DMM-Aug" in capsys.readouterr().err
