@@ -46,3 +46,35 @@ def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
     assert epoch_time.main(["--table-from", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| dmm_jax | cpu (cpu) | 2.000 | 9.0 | 3 |" in table and "3.00x" in table
+
+
+def _load(name):
+    path = _PATH.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsys):
+    long_runs = _load("long_runs")
+    train, evaluate = long_runs.commands("aug", tmp_path, 300, 1, 50)
+    assert train[-2:] == ["--log-json", f"{tmp_path / 'aug'}.jsonl"]
+    assert "--augmented" in train and "--resume" not in train
+    assert evaluate[-4:] == ["--estimator", "is", "--samples", "50"]
+    (tmp_path / "aug").mkdir()
+    (tmp_path / "aug" / "checkpoint.msgpack").write_bytes(b"")
+    assert long_runs.commands("aug", tmp_path, 300, 1, 50)[0][-1] == "--resume"
+
+    records = [
+        {"epoch": 249, "val_loss_per_step": 8.5, "test_loss_per_step": 8.6},
+        {"epoch": 250, "train_loss_per_step": 8.0},
+    ]
+    (tmp_path / "aug.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = {"is_nll_per_step": 6.5, "num_samples": 50, "elbo_nll_per_step": 6.9}
+    (tmp_path / "aug.eval.json").write_text(json.dumps(result))
+    long_runs.main(["--runs-dir", str(tmp_path), "status"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("aug") and "epoch 250" in line
+    assert "val/test bound 8.500/8.600 (epoch 249)" in line
+    assert "test IS 6.500 (S=50), bound 6.900" in line
