@@ -21,7 +21,7 @@ from numpyro import handlers
 from dmm_jax import distributed
 from dmm_jax.config import DMMConfig
 from dmm_jax.data.arrays import SequenceArrays
-from dmm_jax.data.batching import PaddedSequences, sorted_batches
+from dmm_jax.data.batching import PaddedSequences, balanced_batch_size, sorted_batches
 from dmm_jax.model import guide, model
 
 Array = jax.Array
@@ -181,6 +181,7 @@ def evaluate_split(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     # Anything with ``batch``/``batch_covariates`` (PaddedSequences, SequenceArrays) is used as is.
     data = sequences if hasattr(sequences, "batch_covariates") else PaddedSequences(sequences)
+    batch_size = balanced_batch_size(len(data), batch_size)  # no batch mostly empty rows
     chunk = min(sample_chunk, num_samples)
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
     log_weights = _batch_log_weights

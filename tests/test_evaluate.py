@@ -109,3 +109,14 @@ def test_importance_sampled_estimate_falls_as_samples_grow(
 def test_bad_estimator_is_rejected(trained_like_params, sequences, tiny_config, key):
     with pytest.raises(ValueError, match="estimator"):
         evaluate_split(trained_like_params, key, sequences, tiny_config, estimator="exact")
+
+
+def test_balanced_batch_size_keeps_the_batch_count_and_drops_empty_rows():
+    from dmm_jax.data.batching import balanced_batch_size
+
+    # JSB test (77) and valid (76) in batches of at most 64: two batches either way.
+    assert balanced_batch_size(77, 64) == 39 and balanced_batch_size(76, 64) == 38
+    assert balanced_batch_size(64, 64) == 64 and balanced_batch_size(65, 64) == 33
+    assert balanced_batch_size(10, 64) == 10 and balanced_batch_size(1, 1) == 1
+    with pytest.raises(ValueError, match="num_items >= 1"):
+        balanced_batch_size(0, 64)

@@ -106,6 +106,17 @@ def length_grouped_batches(
     return [batches[i] for i in batch_order]
 
 
+def balanced_batch_size(num_items: int, batch_size: int) -> int:
+    """The smallest size that splits ``num_items`` into as few batches as ``batch_size`` does.
+
+    77 sequences in batches of 64 would pad the second batch of 13 to 64 rows; in batches of
+    39 the same two batches carry one padded row.
+    """
+    if num_items < 1 or batch_size < 1:
+        raise ValueError(f"need num_items >= 1 and batch_size >= 1, got {num_items}, {batch_size}")
+    return math.ceil(num_items / math.ceil(num_items / batch_size))
+
+
 def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Deterministic chunks of sequences sorted by length: least padding, for evaluation."""
     order = np.argsort(lengths, kind="stable")
