@@ -160,8 +160,8 @@ class StructuredPosterior(Distribution):
         z_q_0: the guide's start, [Z].
         hidden: encoder states h_{1:T}, [B, T, H].
         mask: [B, T], True for real steps (default: all real).
-        trajectory: optional fast sampler (z_start [B, Z], hidden, noise [B, T, Z]) ->
-            (z, scale), each [B, T, Z], equal to scanning ``combiner`` (e.g.
+        trajectory: optional fast sampler (z_start [B, Z], hidden, noise [B, T, Z], mask) ->
+            (z, scale), each [B, T, Z], equal to scanning ``combiner`` on the real steps (e.g.
             ``Combiner.sample_trajectory``); default: a plain scan of ``combiner``.
         flow: optional invertible map of each step's Gaussian draw, base [..., Z] ->
             (z [..., Z], log|det| [...]) (e.g. ``InverseAutoregressiveFlow``); the flowed z_t
@@ -183,7 +183,7 @@ class StructuredPosterior(Distribution):
         z_q_0: Array,
         hidden: Array,
         mask: Array | None = None,
-        trajectory: Callable[[Array, Array, Array], tuple[Array, Array]] | None = None,
+        trajectory: Callable[..., tuple[Array, Array]] | None = None,
         flow: Callable[[Array], tuple[Array, Array]] | None = None,
     ):
         self.combiner = combiner
@@ -206,7 +206,7 @@ class StructuredPosterior(Distribution):
         if self.flow is not None:
             return self._sample_flowed(z_start, noise)
         if self.trajectory is not None:
-            z, scale = self.trajectory(z_start, self.hidden, noise)
+            z, scale = self.trajectory(z_start, self.hidden, noise, self.mask)
             return z, [noise, scale]
 
         def step(z_prev, inputs):

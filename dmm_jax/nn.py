@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmm_jax.scans import combiner_scan, reverse_relu_rnn_scan
+from dmm_jax.scans import active_steps, combiner_scan, reverse_relu_rnn_scan
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
@@ -208,17 +208,23 @@ class Combiner(nn.Module):
         c = self.mix * (jnp.tanh(z_prev @ self.w_z + self.b_z) + h_rnn)
         return c @ self.w_loc + self.b_loc, nn.softplus(c @ self.w_scale + self.b_scale)
 
-    def sample_trajectory(self, z_start: Array, hidden: Array, noise: Array) -> tuple[Array, Array]:
+    def sample_trajectory(
+        self, z_start: Array, hidden: Array, noise: Array, mask: Array | None = None
+    ) -> tuple[Array, Array]:
         """z_start [B, Z], hidden [B, T, H], noise [B, T, Z] -> (z, scale), each [B, T, Z].
 
         z_t = loc(z_{t-1}, h_t) + scale(z_{t-1}, h_t) * noise_t, from z_0 = z_start.
+        ``mask`` [B, T] (True for real steps): with the hand-written scan, steps after the last
+        real one of the batch are not drawn (z = 0, scale = 1 there); the real steps are the
+        same either way.
         """
         hidden, noise = jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(noise, 0, 1)
         if self.custom_vjp:
             w_out = jnp.concatenate([self.w_loc, self.w_scale], axis=1)
             b_out = jnp.concatenate([self.b_loc, self.b_scale])
+            num_steps = jnp.int32(hidden.shape[0]) if mask is None else active_steps(mask)
             z, scale = combiner_scan(
-                z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out, self.mix
+                z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out, num_steps, self.mix
             )
         else:
 
@@ -240,7 +246,8 @@ class BackwardEncoder(nn.Module):
     the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
     ("rnn": ReLU Elman, "gru", "lstm"). The "rnn" cell uses the hand-written backward pass of
-    ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False.
+    ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False; it also skips the
+    steps after the batch's last real one.
     """
 
     rnn_dim: int
@@ -269,7 +276,7 @@ class BackwardEncoder(nn.Module):
         x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
         keep = jnp.swapaxes(mask, 0, 1)[..., None].astype(bool)
         if self.cell == "rnn" and self.custom_vjp:
-            states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh)
+            states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh, active_steps(mask))
             return jnp.swapaxes(states, 0, 1)
         step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
 

@@ -8,12 +8,19 @@ matmul per step, like the forward) and compute every weight gradient afterwards 
 matmul over all steps, which is what a CPU or GPU runs fastest. Values and gradients are those
 of the plain scans; ``tests/test_scans.py`` checks both against autodiff.
 
+Both loops run only over the steps some sequence of the batch still has (``num_steps``, a
+traced count: ``active_steps``), not over the whole padded length, so padding a batch to a
+coarse length bucket costs no sequential work. Steps past ``num_steps`` are padding for every
+sequence; their outputs are fixed values (the RNN's start state, z = 0 with scale 1) that the
+masks drop.
+
 All arrays here are time-major ([T, B, ...]) and in processing order.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +33,22 @@ def _shift_in(first: Array, states: Array) -> Array:
     return jnp.concatenate([first[None], states[:-1]], axis=0)
 
 
+def active_steps(mask: Array) -> Array:
+    """int32 count of leading steps up to the last one that is real in any sequence.
+
+    mask: [B, T] (batch-major, True for real steps). For right-padded sequences this is the
+    longest length; steps past it are padding for every sequence.
+    """
+    num_steps = mask.shape[1]
+    any_real = jnp.any(mask, axis=0)
+    return jnp.max(jnp.where(any_real, jnp.arange(1, num_steps + 1), 0)).astype(jnp.int32)
+
+
+def _padding_steps(num_steps: Array, total: int) -> Array:
+    """[T, 1, 1] bool, True at steps t >= num_steps."""
+    return (jnp.arange(total) >= num_steps)[:, None, None]
+
+
 def _outer_sum(a: Array, b: Array) -> Array:
     """sum over (t, b) of a[t, b]^T b[t, b]: one [T*B, I]^T x [T*B, J] matmul."""
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
@@ -36,9 +59,9 @@ def _outer_sum(a: Array, b: Array) -> Array:
 
 @jax.custom_vjp
 def reverse_relu_rnn_scan(
-    x_proj: Array, keep: Array, h_start: Array, w_hh: Array, b_hh: Array
+    x_proj: Array, keep: Array, h_start: Array, w_hh: Array, b_hh: Array, num_steps: Array
 ) -> Array:
-    """A ReLU RNN run backward in time, from t = T-1 down to 0:
+    """A ReLU RNN run backward in time, from t = num_steps-1 down to 0:
 
         h_t = relu(x_proj_t + h_{t+1} W_hh + b_hh) where keep_t, else h_{t+1};  h_T = h_start.
 
@@ -46,40 +69,52 @@ def reverse_relu_rnn_scan(
         x_proj: input projections [T, B, H] (x_t W_ih + b_ih, computed outside the loop).
         keep: [T, B, 1] bool, False on padded steps (the state passes through unchanged).
         h_start: [B, H]. w_hh: [H, H]. b_hh: [H].
+        num_steps: int32 scalar; ``keep`` must be False at every step t >= num_steps (see
+            ``active_steps``), where the state is h_start without running the loop.
 
     Returns:
         states h_t [T, B, H], in time order.
     """
-    return _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh)[0]
+    return _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps)[0]
 
 
-def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh):
-    def step(h, inputs):
-        xp_t, keep_t = inputs
+def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps):
+    def step(i, carry):
+        h, states = carry
+        t = num_steps - 1 - i
+        xp_t = jax.lax.dynamic_index_in_dim(x_proj, t, keepdims=False)
+        keep_t = jax.lax.dynamic_index_in_dim(keep, t, keepdims=False)
         h = jnp.where(keep_t, jax.nn.relu(xp_t + h @ w_hh + b_hh), h)
-        return h, h
+        return h, jax.lax.dynamic_update_index_in_dim(states, h, t, 0)
 
-    _, states = jax.lax.scan(step, h_start, (x_proj, keep), reverse=True)
-    return states, (states, keep, h_start, w_hh)
+    states = jnp.broadcast_to(h_start, x_proj.shape).astype(x_proj.dtype)
+    _, states = jax.lax.fori_loop(0, num_steps, step, (h_start, states))
+    return states, (states, keep, h_start, w_hh, num_steps)
 
 
 def _relu_rnn_backward(residuals, g_states):
-    states, keep, h_start, w_hh = residuals
+    states, keep, h_start, w_hh, num_steps = residuals
     active = keep & (states > 0)  # where the ReLU passed its input through
     w_hh_t = w_hh.T
 
-    def step(dh_next, inputs):
-        g_t, active_t, keep_t = inputs
-        dh = g_t + dh_next
+    def step(t, carry):
+        dh_next, d_pre_all = carry
+        dh = jax.lax.dynamic_index_in_dim(g_states, t, keepdims=False) + dh_next
+        active_t = jax.lax.dynamic_index_in_dim(active, t, keepdims=False)
+        keep_t = jax.lax.dynamic_index_in_dim(keep, t, keepdims=False)
         d_pre = jnp.where(active_t, dh, 0.0)
         dh_prev = jnp.where(keep_t, d_pre @ w_hh_t, dh)
-        return dh_prev, d_pre
+        return dh_prev, jax.lax.dynamic_update_index_in_dim(d_pre_all, d_pre, t, 0)
 
-    dh_start, d_pre = jax.lax.scan(step, jnp.zeros_like(h_start), (g_states, active, keep))
+    init = (jnp.zeros_like(h_start), jnp.zeros_like(g_states))
+    dh_start, d_pre = jax.lax.fori_loop(0, num_steps, step, init)
+    # Steps past num_steps hold h_start itself: their cotangents go straight to it.
+    padding = _padding_steps(num_steps, g_states.shape[0])
+    dh_start = dh_start + jnp.sum(jnp.where(padding, g_states, 0.0), axis=0)
     # The state each step started from: h_{t+1}, with h_T = h_start.
     previous = jnp.concatenate([states[1:], h_start[None]], axis=0)
     dw_hh = _outer_sum(previous, d_pre)
-    return d_pre, None, dh_start, dw_hh, jnp.sum(d_pre, axis=(0, 1))
+    return d_pre, None, dh_start, dw_hh, jnp.sum(d_pre, axis=(0, 1)), None
 
 
 reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
@@ -88,7 +123,7 @@ reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
 # ----------------------------------------------------------------------------- guide chain
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def combiner_scan(
     z_start: Array,
     hidden: Array,
@@ -97,6 +132,7 @@ def combiner_scan(
     b_z: Array,
     w_out: Array,
     b_out: Array,
+    num_steps: Array,
     mix: float = 0.5,
 ) -> tuple[Array, Array]:
     """Draws z_{1:T} from the combiner chain, reparameterized by ``noise``.
@@ -108,36 +144,56 @@ def combiner_scan(
     Args:
         z_start: [B, Z]. hidden: [T, B, H]. noise: [T, B, Z].
         w_z: [Z, H]. b_z: [H]. w_out: [H, 2Z] (loc and scale columns side by side). b_out: [2Z].
+        num_steps: int32 scalar, the steps to draw; steps t >= num_steps (padding for every
+            sequence) get z_t = 0 and scale_t = 1, constants that carry no gradient.
         mix: a Python float, 1/2 for ST-R/ST-L (h_t one RNN state) and 1/3 for ST-LR (h_t the
             sum of the two directions' states), so c_t is the average of its terms.
 
     Returns:
         (z, scale), each [T, B, Z].
     """
-    return _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, mix)[0]
+    args = (z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps)
+    return _combiner_forward(*args, mix)[0]
 
 
-def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, mix=0.5):
+def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps, mix=0.5):
     z_dim = z_start.shape[-1]
 
-    def step(z_prev, inputs):
-        h_t, eps_t = inputs
+    def step(t, carry):
+        z_prev, z_all, scale_all, scale_pre_all = carry
+        h_t = jax.lax.dynamic_index_in_dim(hidden, t, keepdims=False)
+        eps_t = jax.lax.dynamic_index_in_dim(noise, t, keepdims=False)
         u = jnp.tanh(z_prev @ w_z + b_z)
         out = (mix * (u + h_t)) @ w_out + b_out
         scale = jax.nn.softplus(out[..., z_dim:])
         z = out[..., :z_dim] + scale * eps_t
-        return z, (z, scale, out[..., z_dim:])
+        update = jax.lax.dynamic_update_index_in_dim
+        return (
+            z,
+            update(z_all, z, t, 0),
+            update(scale_all, scale, t, 0),
+            update(scale_pre_all, out[..., z_dim:], t, 0),
+        )
 
-    _, (z, scale, scale_pre) = jax.lax.scan(step, z_start, (hidden, noise))
+    # Padded steps keep these fills: z = 0, scale = softplus(log(e - 1)) = 1.
+    init = (
+        z_start,
+        jnp.zeros_like(noise),
+        jnp.ones_like(noise),
+        jnp.full_like(noise, math.log(math.e - 1.0)),
+    )
+    _, z, scale, scale_pre = jax.lax.fori_loop(0, num_steps, step, init)
     # u_t is not kept: rebuilt in the backward pass by one batched matmul over all steps, so
     # long sequences hold one [T, B, H] array fewer between the two passes.
-    residuals = (z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre)
+    residuals = (z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre, num_steps)
     return (z, scale), residuals
 
 
 def _combiner_backward(mix, residuals, cotangents):
-    z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre = residuals
-    g_z, g_scale = cotangents
+    z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre, num_steps = residuals
+    padding = _padding_steps(num_steps, z.shape[0])
+    # The padded steps' outputs are constants: whatever reaches them goes nowhere.
+    g_z, g_scale = (jnp.where(padding, 0.0, g) for g in cotangents)
     w_out_t, w_z_t = w_out.T, w_z.T
     z_prev = _shift_in(z_start, z)
     u = jnp.tanh(z_prev @ w_z + b_z)
@@ -149,20 +205,20 @@ def _combiner_backward(mix, residuals, cotangents):
     def d_output(dz, eps, d_softplus, g_scale_pre):
         return jnp.concatenate([dz, dz * eps * d_softplus + g_scale_pre], axis=-1)
 
-    def step(dz_next, inputs):
-        g_z_t, eps_t, d_softplus_t, g_scale_pre_t, d_tanh_t = inputs
-        dz = g_z_t + dz_next
-        d_c = d_output(dz, eps_t, d_softplus_t, g_scale_pre_t) @ w_out_t
-        return (mix * d_c * d_tanh_t) @ w_z_t, (dz, d_c)
+    def step(i, carry):
+        dz_next, dz_all, d_c_all = carry
+        t = num_steps - 1 - i
+        at = functools.partial(jax.lax.dynamic_index_in_dim, index=t, keepdims=False)
+        dz = at(g_z) + dz_next
+        d_c = d_output(dz, at(noise), at(d_softplus), at(g_scale_pre)) @ w_out_t
+        dz_prev = (mix * d_c * at(d_tanh)) @ w_z_t
+        update = jax.lax.dynamic_update_index_in_dim
+        return dz_prev, update(dz_all, dz, t, 0), update(d_c_all, d_c, t, 0)
 
     # Only the carry's path runs step by step; what else the gradients need is rebuilt
     # from (dz, d_c) in batched ops, which also keeps fewer [T, B, H] arrays alive.
-    dz_start, (dz, d_c) = jax.lax.scan(
-        step,
-        jnp.zeros_like(z_start),
-        (g_z, noise, d_softplus, g_scale_pre, d_tanh),
-        reverse=True,
-    )
+    init = (jnp.zeros_like(z_start), jnp.zeros_like(g_z), jnp.zeros_like(hidden))
+    dz_start, dz, d_c = jax.lax.fori_loop(0, num_steps, step, init)
     d_out = d_output(dz, noise, d_softplus, g_scale_pre)
     d_a = mix * d_c * d_tanh
     c = mix * (u + hidden)
@@ -174,6 +230,7 @@ def _combiner_backward(mix, residuals, cotangents):
         jnp.sum(d_a, axis=(0, 1)),
         _outer_sum(c, d_out),
         jnp.sum(d_out, axis=(0, 1)),
+        None,  # num_steps
     )
 
 

@@ -65,11 +65,61 @@ def test_combiner_trajectory_backward_matches_autodiff(key):
     )
 
 
+def test_scans_skip_the_steps_after_the_longest_sequence(key):
+    # T = 11 but no sequence is longer than 7: the loops run 7 steps, and everything a masked
+    # loss can see (states, real-step draws, every gradient) equals the full plain scans.
+    x, lengths = random_binary_batch(0, 3, 11, 6, lengths=[7, 2, 5])
+    mask = jnp.arange(11)[None] < lengths[:, None]
+    fast, plain = BackwardEncoder(12, "rnn", True), BackwardEncoder(12, "rnn", False)
+    params = jax.tree.map(lambda p: p + 0.1, fast.init(key, x, mask))
+    weights = jax.random.normal(jax.random.PRNGKey(1), (3, 11, 12))
+
+    def rnn_loss(module):
+        return lambda p, x: jnp.sum(weights * module.apply(p, x, mask) ** 2)
+
+    np.testing.assert_allclose(fast.apply(params, x, mask), plain.apply(params, x, mask), rtol=RTOL)
+    _assert_trees_close(
+        jax.grad(rnn_loss(fast), argnums=(0, 1))(params, x),
+        jax.grad(rnn_loss(plain), argnums=(0, 1))(params, x),
+    )
+
+    fast, plain = Combiner(3, 12, True), Combiner(3, 12, False)
+    z0 = jax.random.normal(jax.random.PRNGKey(2), (3, 3))
+    hidden = jax.random.normal(jax.random.PRNGKey(3), (3, 11, 12))
+    noise = jax.random.normal(jax.random.PRNGKey(4), (3, 11, 3))
+    params = fast.init(key, z0, hidden[:, 0])
+    real = mask[..., None]
+
+    def draw(module, p, z0, hidden):
+        return module.apply(p, z0, hidden, noise, mask, method="sample_trajectory")
+
+    def combiner_loss(module):
+        def f(p, z0, hidden):
+            z, scale = draw(module, p, z0, hidden)
+            return jnp.sum(jnp.where(real, z**2 + jnp.log(scale), 0.0))
+
+        return f
+
+    (z_fast, s_fast), (z_plain, s_plain) = (
+        draw(fast, params, z0, hidden),
+        draw(plain, params, z0, hidden),
+    )
+    np.testing.assert_allclose(jnp.where(real, z_fast, 0), jnp.where(real, z_plain, 0), rtol=RTOL)
+    np.testing.assert_allclose(jnp.where(real, s_fast, 1), jnp.where(real, s_plain, 1), rtol=RTOL)
+    np.testing.assert_array_equal(z_fast[:, 7:], 0.0)  # never drawn
+    np.testing.assert_array_equal(s_fast[:, 7:], 1.0)
+    _assert_trees_close(
+        jax.grad(combiner_loss(fast), argnums=(0, 1, 2))(params, z0, hidden),
+        jax.grad(combiner_loss(plain), argnums=(0, 1, 2))(params, z0, hidden),
+    )
+
+
 @pytest.mark.parametrize("cell", ["rnn", "gru"])
 def test_whole_elbo_and_gradients_match_plain_autodiff(tiny_config, key, cell):
     fast_cfg = dataclasses.replace(tiny_config, rnn_cell=cell, custom_vjp=True)
     plain_cfg = dataclasses.replace(fast_cfg, custom_vjp=False)
-    x, lengths = random_binary_batch(7, 4, 10, tiny_config.obs_dim, lengths=[10, 6, 1, 9])
+    # Padded to 13 steps, longest sequence 10: the fast loops stop at 10.
+    x, lengths = random_binary_batch(7, 4, 13, tiny_config.obs_dim, lengths=[10, 6, 1, 9])
     params = init_params(fast_cfg)
 
     def loss(cfg):

@@ -183,7 +183,7 @@ def test_fit_lowers_the_loss_and_evaluates_at_the_end(tiny_config):
     )
     assert "val_loss_per_step" not in result.history[0]  # eval_every=0: only at the end
     # 16 sequences of <= 12 steps in batches of 5 padded to one bucket: one shape.
-    assert result.compiled_shapes == [(5, 16, tiny_config.obs_dim)]
+    assert result.compiled_shapes == [(5, 48, tiny_config.obs_dim)]
 
 
 def test_train_config_rejects_nonsense():

@@ -15,10 +15,13 @@ import numpy as np
 
 Array = jax.Array
 
-# Up to 256 steps buckets are multiples of 16 (at most 15 padded steps); beyond, they grow
-# geometrically by 1.25 (at most 25% padding) so long datasets still compile few shapes.
-_FINE_STEP = 16
-_FINE_LIMIT = 256
+# Up to 288 steps buckets are multiples of 48; beyond, they grow geometrically by 1.25 (at most
+# 25% padding) so long datasets still compile few shapes. Coarse on purpose: each shape costs
+# seconds of compiling, and the padding costs no sequential work (the recurrences stop at the
+# batch's longest sequence, see dmm_jax.scans), only batched work on the padded steps. For JSB
+# (25-129 steps) a run compiles 2 shapes with random mini-batches, 3 with length bucketing.
+_FINE_STEP = 48
+_FINE_LIMIT = 288
 _GROWTH = 1.25
 _COARSE_MULTIPLE = 64
 
