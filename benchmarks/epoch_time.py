@@ -40,6 +40,17 @@ def forward_flops_per_step(obs=88, z=100, emission=100, transition=200, rnn=600)
     return 2 * (rnn_flops + combiner + trans + emitter)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -253,6 +264,7 @@ def main(argv=None) -> int:
                 "cpu_count": os.cpu_count(),
                 "platform": platform.platform(),
                 "processor": platform.processor() or platform.machine(),
+                "cpu_model": cpu_model(),
             },
             "matmul_gflops_per_s": ceiling,
             "epochs": args.epochs,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,16 @@ def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsy
     assert line.startswith("aug") and "epoch 250" in line
     assert "val/test bound 8.500/8.600 (epoch 249)" in line
     assert "test IS 6.500 (S=50), bound 6.900" in line
+
+
+def test_long_sequence_memory_worker_runs_one_microbatched_update():
+    # The worker's code path on a tiny batch: 2 sequences of 8 steps in 2 micro-batches.
+    spec = importlib.util.spec_from_file_location(
+        "long_sequence_memory", _PATH.parent / "long_sequence_memory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.worker(batch=2, steps=8, microbatch_steps=8)
+    assert result["microbatches"] == 2
+    assert result["xla_temp_mib"] > 0 and result["peak_rss_mib"] > 0
+    assert result["loss_per_step"] > 0 and math.isfinite(result["loss_per_step"])
