@@ -105,7 +105,7 @@ def test_two_processes_of_2_devices_agree_with_one_device_in_training_and_evalua
     assert runs["single"]["device_count"] == 1
     assert runs["processes"]["device_count"] == 4  # 2 processes x 2 devices, one global mesh
     four, one = runs["processes"]["fit"], runs["single"]["fit"]
-    assert four["compiled_shapes"] == one["compiled_shapes"] == [[8, 16, 6]]
+    assert four["compiled_shapes"] == one["compiled_shapes"] == [[8, 48, 6]]
     np.testing.assert_allclose(four["train_losses"], one["train_losses"], rtol=1e-5)
     for name in ("val_loss", "is_nll", "elbo_nll"):
         assert four[name] == pytest.approx(one[name], rel=1e-5), name
