@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
+from dmm_jax.scans import active_steps
+
 Array = jax.Array
 StepFn = Callable[..., tuple[Array, Array]]
 
@@ -209,25 +211,41 @@ class StructuredPosterior(Distribution):
             z, scale = self.trajectory(z_start, self.hidden, noise, self.mask)
             return z, [noise, scale]
 
-        def step(z_prev, inputs):
-            h_t, eps_t = inputs
+        def step(z_prev, h_t, eps_t):
             loc, scale = self.combiner(z_prev, h_t)
             z_t = loc + scale * eps_t
             return z_t, (z_t, scale)
 
-        _, (z, scale) = jax.lax.scan(step, z_start, (_time_major(self.hidden), _time_major(noise)))
-        return _time_major(z), [noise, _time_major(scale)]
+        z, scale = self._scan(step, z_start, noise, fill=(0.0, 1.0))
+        return z, [noise, scale]
 
     def _sample_flowed(self, z_start: Array, noise: Array) -> tuple[Array, list[Array]]:
-        def step(z_prev, inputs):
-            h_t, eps_t = inputs
+        def step(z_prev, h_t, eps_t):
             loc, scale = self.combiner(z_prev, h_t)
             z_t, log_det = self.flow(loc + scale * eps_t)
             return z_t, (z_t, scale, log_det)
 
-        inputs = (_time_major(self.hidden), _time_major(noise))
-        _, (z, scale, log_det) = jax.lax.scan(step, z_start, inputs)
-        return _time_major(z), [noise, _time_major(scale), _time_major(log_det)]
+        z, scale, log_det = self._scan(step, z_start, noise, fill=(0.0, 1.0, 0.0))
+        return z, [noise, scale, log_det]
+
+    def _scan(self, step, z_start: Array, noise: Array, fill: tuple[float, ...]):
+        """Runs ``step(z_prev, h_t, eps_t) -> (z_t, outputs)`` over the steps up to the batch's
+        last real one; after it (padding for every sequence) the outputs are the constants
+        ``fill``, as in ``dmm_jax.scans.combiner_scan``. Returns the outputs, batch-major."""
+        num_steps = self.event_shape[0] if self.mask is None else active_steps(self.mask)
+        example = jax.eval_shape(step, z_start, self.hidden[:, 0], noise[:, 0])[1]
+
+        def skip(z_prev, h_t, eps_t):
+            del h_t, eps_t
+            return z_prev, tuple(jnp.full(o.shape, v, o.dtype) for o, v in zip(example, fill))
+
+        def body(z_prev, inputs):
+            h_t, eps_t, t = inputs
+            return jax.lax.cond(t < num_steps, step, skip, z_prev, h_t, eps_t)
+
+        inputs = (_time_major(self.hidden), _time_major(noise), jnp.arange(self.event_shape[0]))
+        _, outputs = jax.lax.scan(body, z_start, inputs)
+        return tuple(_time_major(o) for o in outputs)
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         return self.sample_with_intermediates(key, sample_shape)[0]

@@ -246,8 +246,8 @@ class BackwardEncoder(nn.Module):
     the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
     ("rnn": ReLU Elman, "gru", "lstm"). The "rnn" cell uses the hand-written backward pass of
-    ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False; it also skips the
-    steps after the batch's last real one.
+    ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False. Steps after the
+    batch's last real one are skipped (a bucket's padding costs no sequential work).
     """
 
     rnn_dim: int
@@ -279,24 +279,36 @@ class BackwardEncoder(nn.Module):
             states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh, active_steps(mask))
             return jnp.swapaxes(states, 0, 1)
         step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
+        num_steps = active_steps(mask)
 
-        def step(carry, inputs):
-            xp_t, keep_t = inputs
+        def output(carry):
+            return carry[0] if self.cell == "lstm" else carry
+
+        def real_step(carry, xp_t, keep_t):
             new = step_fn(carry, xp_t, w_hh, b_hh)
             carry = jax.tree.map(lambda n, o: jnp.where(keep_t, n, o), new, carry)
-            out = carry[0] if self.cell == "lstm" else carry
-            return carry, out
+            return carry, output(carry)
 
-        _, outputs = jax.lax.scan(step, carry, (x_proj, keep), reverse=True)
+        def skip(carry, xp_t, keep_t):  # past the last real step: padding everywhere
+            return carry, output(carry)
+
+        def step(carry, inputs):
+            xp_t, keep_t, t = inputs
+            return jax.lax.cond(t < num_steps, real_step, skip, carry, xp_t, keep_t)
+
+        steps = jnp.arange(x_proj.shape[0])
+        _, outputs = jax.lax.scan(step, carry, (x_proj, keep, steps), reverse=True)
         return jnp.swapaxes(outputs, 0, 1)
 
 
 class ForwardEncoder(nn.Module):
     """Recurrent net run forward in time: h_t summarises x_{1:t}.
 
-    A ``BackwardEncoder`` run on the time-reversed batch: reversing the whole padded array
-    puts each sequence's padding first in processing order, where it leaves the state at h_0,
-    so real steps never see padding and padded steps hold the last real state (masked later).
+    A ``BackwardEncoder`` run on the batch with its first n steps reversed (n: the longest
+    sequence; the steps after it are padding for every sequence and stay where they are): it
+    then reads each sequence's x_1, x_2, ... first and its padding after, so real steps never
+    see padding and padded steps hold the last real state (masked later); and, as for the
+    backward direction, the steps after n cost no sequential work.
     """
 
     rnn_dim: int
@@ -307,7 +319,11 @@ class ForwardEncoder(nn.Module):
     def __call__(self, x: Array, mask: Array) -> Array:
         """x [B, T, X], mask [B, T] -> hidden states [B, T, H]."""
         rnn = BackwardEncoder(self.rnn_dim, self.cell, self.custom_vjp, name="rnn")
-        return jnp.flip(rnn(jnp.flip(x, axis=1), jnp.flip(mask, axis=1)), axis=1)
+        steps = jnp.arange(x.shape[1])
+        num_steps = active_steps(mask)
+        order = jnp.where(steps < num_steps, num_steps - 1 - steps, steps)  # its own inverse
+        states = rnn(jnp.take(x, order, axis=1), jnp.take(mask, order, axis=1))
+        return jnp.take(states, order, axis=1)
 
 
 class GaussianHead(nn.Module):

@@ -91,7 +91,8 @@ CASES = [(g, 0) for g in GUIDES] + [("st-r", 2), ("mf-lr", 1)]
 def test_guide_draw_and_log_q_equal_a_python_loop(tiny_config, key, guide_name, num_iafs):
     config = _config(tiny_config, guide_name, num_iafs)
     params = _perturbed_params(config)
-    x, lengths = random_binary_batch(7, 3, 6, config.obs_dim, lengths=[6, 4, 1])
+    # Padded to 9 steps, longest 6: the loops stop after step 6 in either direction.
+    x, lengths = random_binary_batch(7, 3, 9, config.obs_dim, lengths=[6, 4, 1])
 
     @jax.jit
     def draw(params):
@@ -196,7 +197,7 @@ def test_st_lr_hand_written_backward_passes_equal_autodiff(tiny_config, key):
     fast = _config(tiny_config, "st-lr")
     plain = dataclasses.replace(fast, custom_vjp=False)
     params = _perturbed_params(fast)
-    x, lengths = random_binary_batch(8, 3, 6, fast.obs_dim, lengths=[6, 3, 5])
+    x, lengths = random_binary_batch(8, 3, 8, fast.obs_dim, lengths=[6, 3, 5])  # 2 padded
 
     def grads(config):
         def loss(p):
