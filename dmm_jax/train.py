@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIState
@@ -390,7 +391,7 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
     template = init_train_state(
         svi, saved["train_config"].seed, model_config.obs_dim, example_covariates(model_config)
     )
-    state = restore_state(template, saved["state"], saved["path"])
+    state = _restore_train_state(template, saved)
     return LoadedRun(
         svi.get_params(state.svi_state),
         state,
@@ -399,6 +400,41 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
         saved["history"],
         saved["metadata"],
     )
+
+
+def _restore_train_state(template: TrainState, saved: dict[str, Any]) -> TrainState:
+    """``restore_state``, also for checkpoints written before the optimizer ran on one raveled
+    vector (``optax.flatten`` in ``clipped_adam``): their Adam moments are trees shaped like
+    the parameters, raveled here in the order ``optax.flatten`` uses (``jax.tree.leaves``)."""
+    try:
+        return restore_state(template, saved["state"], saved["path"])
+    except CheckpointError:
+        raw = _ravel_per_array_adam_moments(template, saved["state"])
+        if raw is None:
+            raise
+        return restore_state(template, raw, saved["path"])
+
+
+def _ravel_per_array_adam_moments(template: TrainState, raw: dict[str, Any]) -> dict | None:
+    """The raw state with per-array Adam moments raveled; None if it has none to ravel."""
+    try:
+        inner = raw["svi_state"]["optim_state"]["1"]  # numpyro: (step, (params, optax state))
+        params_raw, chain_raw = inner["0"], inner["1"]
+        adam = chain_raw["2"]  # clip, weight decay, Adam, learning rate
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+    if not isinstance(adam, dict) or not isinstance(adam.get("mu"), dict):
+        return None
+    params = template.svi_state.optim_state[1][0]
+
+    def ravel(tree_raw):
+        tree = serialization.from_state_dict(params, tree_raw)
+        return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+    adam = {**adam, "mu": ravel(adam["mu"]), "nu": ravel(adam["nu"])}
+    chain_raw = {**chain_raw, "2": adam}
+    optim = {**raw["svi_state"]["optim_state"], "1": {"0": params_raw, "1": chain_raw}}
+    return {**raw, "svi_state": {**raw["svi_state"], "optim_state": optim}}
 
 
 class EarlyStopping:

@@ -22,6 +22,49 @@ def _trees_equal(a, b):
     )
 
 
+def test_checkpoint_with_per_array_adam_moments_still_loads(tiny_config, tmp_path):
+    # Checkpoints written before the optimizer ran on one raveled vector hold Adam's moments
+    # as trees shaped like the parameters; load_run ravels them in optax.flatten's order.
+    import optax
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.optim import optax_to_numpyro
+
+    from dmm_jax.model import guide, model
+    from dmm_jax.train import (
+        TrainState,
+        learning_rate_schedule,
+        scale_by_pyro_adam,
+    )
+
+    per_array = optax.chain(
+        optax.clip(CFG.clip_norm),
+        optax.add_decayed_weights(CFG.weight_decay),
+        scale_by_pyro_adam(CFG.beta1, CFG.beta2, CFG.adam_eps),
+        optax.scale_by_learning_rate(learning_rate_schedule(CFG)),
+    )
+    svi = SVI(
+        lambda *a, **k: model(*a, config=tiny_config, **k),
+        lambda *a, **k: guide(*a, config=tiny_config, **k),
+        optax_to_numpyro(per_array),
+        Trace_ELBO(),
+    )
+    x, lengths = np.ones((2, 3, tiny_config.obs_dim), np.float32), np.array([3, 2], np.int32)
+    svi_state = svi.init(jax.random.PRNGKey(0), x, lengths, 1.0)
+    svi_state, _ = svi.update(svi_state, x, lengths, 1.0)  # moments no longer zero
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    old = TrainState(svi_state, np.int32(1), keys[0], keys[1])
+    save_checkpoint(tmp_path, old, model_config=tiny_config, train_config=CFG, history=[])
+
+    run = load_run(tmp_path)
+    moments = svi_state.optim_state[1][1][2]
+    restored = run.state.svi_state.optim_state[1][1][2]
+    for name in ("mu", "nu"):
+        want = np.concatenate([np.ravel(a) for a in jax.tree.leaves(getattr(moments, name))])
+        np.testing.assert_array_equal(getattr(restored, name), want)
+    assert int(restored.count) == 1
+    assert _trees_equal(run.params, svi.get_params(svi_state))
+
+
 def test_round_trip_restores_identical_state(tiny_config, tmp_path):
     data = _structured_binary_data(8)
     result = fit(
