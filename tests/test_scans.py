@@ -79,8 +79,8 @@ def test_scans_skip_the_steps_after_the_longest_sequence(key):
 
     np.testing.assert_allclose(fast.apply(params, x, mask), plain.apply(params, x, mask), rtol=RTOL)
     _assert_trees_close(
-        jax.grad(rnn_loss(fast), argnums=(0, 1))(params, x),
-        jax.grad(rnn_loss(plain), argnums=(0, 1))(params, x),
+        jax.jit(jax.grad(rnn_loss(fast), argnums=(0, 1)))(params, x),
+        jax.jit(jax.grad(rnn_loss(plain), argnums=(0, 1)))(params, x),
     )
 
     fast, plain = Combiner(3, 12, True), Combiner(3, 12, False)
@@ -109,8 +109,8 @@ def test_scans_skip_the_steps_after_the_longest_sequence(key):
     np.testing.assert_array_equal(z_fast[:, 7:], 0.0)  # never drawn
     np.testing.assert_array_equal(s_fast[:, 7:], 1.0)
     _assert_trees_close(
-        jax.grad(combiner_loss(fast), argnums=(0, 1, 2))(params, z0, hidden),
-        jax.grad(combiner_loss(plain), argnums=(0, 1, 2))(params, z0, hidden),
+        jax.jit(jax.grad(combiner_loss(fast), argnums=(0, 1, 2)))(params, z0, hidden),
+        jax.jit(jax.grad(combiner_loss(plain), argnums=(0, 1, 2)))(params, z0, hidden),
     )
 
 
