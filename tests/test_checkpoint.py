@@ -50,7 +50,7 @@ def test_checkpoint_with_per_array_adam_moments_still_loads(tiny_config, tmp_pat
     )
     x, lengths = np.ones((2, 3, tiny_config.obs_dim), np.float32), np.array([3, 2], np.int32)
     svi_state = svi.init(jax.random.PRNGKey(0), x, lengths, 1.0)
-    svi_state, _ = svi.update(svi_state, x, lengths, 1.0)  # moments no longer zero
+    svi_state, _ = jax.jit(svi.update)(svi_state, x, lengths, 1.0)  # moments no longer zero
     keys = jax.random.split(jax.random.PRNGKey(1), 2)
     old = TrainState(svi_state, np.int32(1), keys[0], keys[1])
     save_checkpoint(tmp_path, old, model_config=tiny_config, train_config=CFG, history=[])
