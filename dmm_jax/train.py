@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIState
@@ -427,9 +428,8 @@ def _ravel_per_array_adam_moments(template: TrainState, raw: dict[str, Any]) -> 
         return None
     params = template.svi_state.optim_state[1][0]
 
-    def ravel(tree_raw):
-        tree = serialization.from_state_dict(params, tree_raw)
-        return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+    def ravel(tree_raw):  # ravel_pytree concatenates the leaves in optax.flatten's order
+        return ravel_pytree(serialization.from_state_dict(params, tree_raw))[0]
 
     adam = {**adam, "mu": ravel(adam["mu"]), "nu": ravel(adam["nu"])}
     chain_raw = {**chain_raw, "2": adam}
