@@ -64,8 +64,10 @@ def _jax_worker(args, bucketed: bool):
     from dmm_jax.config import DMMConfig, TrainConfig
     from dmm_jax.data import load_dataset
     from dmm_jax.data.batching import PaddedSequences
+    from dmm_jax.runtime import retain_freed_memory
     from dmm_jax.train import UpdateStep, build_svi, init_train_state, train_epoch
 
+    retain_freed_memory()  # as dmm-jax train does
     data = load_dataset("jsb_chorales", args.data)
     train = PaddedSequences(data.train.sequences)
     model_config = DMMConfig()

@@ -1,0 +1,40 @@
+"""Process-wide settings that make jitted training faster on CPU without changing its numbers.
+
+XLA's CPU runtime asks ``malloc`` for one large scratch buffer on every call of a compiled
+step (about 60 MB for a JSB mini-batch of 96 steps). glibc serves any request above 32 MB with
+a fresh ``mmap`` and unmaps it on ``free``, so every update page-faults its whole scratch
+space back in and the kernel zeroes it: about a tenth of a bucketed JSB epoch on a 2-core CPU.
+``retain_freed_memory`` makes glibc serve such buffers from its heap and keep freed memory for
+the next call instead. The peak resident memory is unchanged (the same buffers are live at
+once); memory freed after the peak is not handed back to the system until the process exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt(3) parameter numbers, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc's malloc reuse freed memory for large buffers (no mmap, no trimming).
+
+    Returns True when the setting was applied, False where the C library is not glibc
+    (macOS, musl, Windows): there it does nothing. Call it once, early; ``dmm-jax`` does for
+    every subcommand and the benchmarks do for dmm_jax's workers.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where libc is not glibc
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success, 0 on error.
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
