@@ -183,3 +183,66 @@ def test_example_covariates_initialise_a_model_with_inputs_and_gaps():
     no_gap = dataclasses.replace(config, use_dt=False)
     with pytest.raises(ValueError, match="dt given but config.use_dt is False"):
         handlers.seed(model, 0)(x, jnp.ones(1, jnp.int32), config=no_gap, **example)
+
+
+def test_importance_sampling_is_exact_when_the_guide_is_the_exact_posterior():
+    """Issue 4: one step of a linear-Gaussian model, z_1 ~ N(A z_0 + b, Q), x_1 ~ N(H z_1 + d, R),
+    with diagonal Q, R and H^T R^-1 H, so the posterior N(mu(x), P) has a diagonal P and a mean
+    linear in x. The ST-R guide holds it exactly: the ReLU RNN is the identity plus a large
+    bias (never clipped), tanh(W_z z + b_z) is 0, and the scale does not depend on h. Every
+    importance weight is then p(x) itself, so the estimate equals the closed-form log p(x)
+    at any S, and the bound equals it too."""
+    ssm = linear_gaussian_ssm(4, z_dim=2, obs_dim=3)
+    ssm = ssm._replace(emission_matrix=np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))
+    config = DMMConfig(
+        obs_dim=3,
+        z_dim=2,
+        rnn_dim=3,
+        emission="gaussian",
+        emission_net="linear",
+        transition="linear",
+    )
+    m = ssm.transition_matrix @ ssm.initial_mean + ssm.transition_bias  # prior mean of z_1
+    q_inv, r_inv = np.linalg.inv(ssm.transition_cov), np.linalg.inv(ssm.emission_cov)
+    h = ssm.emission_matrix
+    post_cov = np.linalg.inv(q_inv + h.T @ r_inv @ h)
+    assert np.allclose(post_cov, np.diag(np.diag(post_cov)))
+    gain = post_cov @ h.T @ r_inv  # mu(x) = post_cov q_inv m + gain (x - d)
+    offset = post_cov @ q_inv @ m - gain @ ssm.emission_bias
+    shift = 10.0  # h_1 = x + shift > 0 for the data below, so the ReLU passes it through
+
+    # c = (tanh(0) + h_1) / 2 = (x + shift) / 2, loc = c W_loc + b_loc = gain x + offset
+    guide_params = {
+        "encoder$params": {
+            "w_ih": np.eye(3),
+            "b_ih": np.full(3, shift),
+            "w_hh": np.zeros((3, 3)),
+            "b_hh": np.zeros(3),
+            "h_0": np.zeros(3),
+        },
+        "combiner$params": {
+            "w_z": np.zeros((2, 3)),
+            "b_z": np.zeros(3),
+            "w_loc": 2.0 * gain.T,
+            "b_loc": offset - shift * gain.sum(axis=1),
+            "w_scale": np.zeros((3, 2)),
+            "b_scale": np.log(np.expm1(np.sqrt(np.diag(post_cov)))),  # softplus^-1(sd)
+        },
+        "z_q_0": np.zeros(2),
+    }
+    params = {
+        **dmm_params(ssm),
+        **jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), guide_params),
+    }
+
+    data = sample_linear_gaussian(ssm, 3, 6, 1)
+    assert np.all(data.x + shift > 0)
+    marginal_cov = h @ ssm.transition_cov @ h.T + ssm.emission_cov
+    log_px = stats.multivariate_normal.logpdf(
+        data.x[:, 0], h @ m + ssm.emission_bias, marginal_cov
+    ).sum()
+    result = evaluate_split(
+        params, jax.random.PRNGKey(0), data, config, num_samples=64, estimator="is"
+    )
+    np.testing.assert_allclose(result["is_nll_per_step"], -log_px / data.num_steps, rtol=1e-4)
+    np.testing.assert_allclose(result["elbo_nll_per_step"], -log_px / data.num_steps, rtol=1e-4)
