@@ -12,7 +12,6 @@ once); memory freed after the peak is not handed back to the system until the pr
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
@@ -30,7 +29,7 @@ def retain_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError where libc is not glibc
     except (OSError, AttributeError):
