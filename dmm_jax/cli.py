@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="random mini-batches of similar-length sequences (less padding, faster epochs)",
     )
     train.add_argument(
+        "--no-real-steps",
+        dest="real_steps",
+        action="store_false",
+        help="run the per-step networks on every padded step too (the same numbers, slower; "
+        "by default only on each batch's real steps)",
+    )
+    train.add_argument(
         "--microbatch-steps",
         type=int,
         default=t.microbatch_steps,
@@ -325,6 +332,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             length_bucketing=args.length_bucketing,
             microbatch_steps=args.microbatch_steps,
+            real_steps=args.real_steps,
             eval_every=args.eval_every,
             eval_samples=args.eval_samples,
             kl=args.kl,

@@ -148,6 +148,9 @@ class TrainConfig:
     # micro-batches of whole sequences and their gradients summed (same estimator; activations
     # of one micro-batch in memory at a time). 0: never split (the reference's behaviour).
     microbatch_steps: int = 0
+    # Speed: run the per-step networks of each training batch on its real steps only (the
+    # same loss and gradients; see dmm_jax.real_steps). False: on every padded step.
+    real_steps: bool = True
     eval_every: int = 0  # evaluate validation and test every K epochs (0: only at the end)
     eval_samples: int = 1
     eval_batch_size: int = 64

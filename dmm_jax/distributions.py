@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
+from dmm_jax.real_steps import RealSteps, per_real_step
 from dmm_jax.scans import active_steps
 
 Array = jax.Array
@@ -92,6 +93,8 @@ class MarkovGaussianChain(Distribution):
         mask: [B, T], True for real steps (default: all real).
         covariates: [B, T, C] or None; step t's transition sees covariates[:, t] (the control
             applied and the time elapsed between steps t-1 and t).
+        steps: the batch's real steps (``dmm_jax.real_steps``) or None: scoring then runs the
+            transition on those rows only (padded steps get loc 0, scale 1; masked anyway).
     """
 
     arg_constraints: ClassVar[dict] = {}
@@ -106,11 +109,13 @@ class MarkovGaussianChain(Distribution):
         num_steps: int,
         mask: Array | None = None,
         covariates: Array | None = None,
+        steps: RealSteps | None = None,
     ):
         self.transition = transition
         self.z_0 = z_0
         self.mask = mask
         self.covariates = covariates
+        self.steps = steps
         super().__init__(batch_shape=(batch_size,), event_shape=(num_steps, z_0.shape[-1]))
 
     def _step_params(self, z_prev: Array, covariates: Array | None) -> tuple[Array, Array]:
@@ -141,7 +146,10 @@ class MarkovGaussianChain(Distribution):
 
     def step_params(self, value: Array) -> tuple[Array, Array]:
         """(loc, scale) of p(z_t | z_{t-1}) at the trajectory ``value``, each [B, T, Z]."""
-        return self._step_params(_shift_right(self.z_0, value), self.covariates)
+        z_prev = _shift_right(self.z_0, value)
+        return per_real_step(
+            self._step_params, self.steps, z_prev, self.covariates, fill=(0.0, 1.0)
+        )
 
     def kl_from(self, posterior: Distribution, value: Array, intermediates: list[Array]) -> Array:
         """sum_t KL(q(z_t | z_{<t}, x) || p(z_t | z_{t-1})) per sequence, [B], in closed form

@@ -8,6 +8,8 @@ as a traced argument a new value never recompiles. Optional keyword arguments:
     inputs    [B, T, U]  control inputs; inputs[:, t] acts between steps t-1 and t (u_{t-1})
     dt        [B, T]     time gaps; dt[:, t] is the time from step t-1 to step t
     obs_mask  [B, T, X]  False where an entry is missing; NaN entries of x are missing too
+    steps     RealSteps  the batch's real steps (``dmm_jax.real_steps``): per-step networks
+                         then run on those rows only; the same values, less work on padding
 
     model:  z_t ~ N(Transition(z_{t-1}, c_t)),  x_t ~ Bernoulli(logits=Emitter(z_t)) or
                                                 x_t ~ N(Emitter(z_t))     (c_t = [u_t, dt_t])
@@ -60,6 +62,7 @@ from dmm_jax.nn import (
     InverseAutoregressiveFlow,
     LinearTransition,
 )
+from dmm_jax.real_steps import RealSteps, per_real_step
 
 Array = jax.Array
 
@@ -148,6 +151,7 @@ def model(
     inputs: Array | None = None,
     dt: Array | None = None,
     obs_mask: Array | None = None,
+    steps: RealSteps | None = None,
 ):
     """p(x_{1:T}, z_{1:T}) for each sequence of the batch; returns the latents z [B, T, Z]."""
     batch, num_steps, _ = x.shape
@@ -168,7 +172,8 @@ def model(
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
             z = numpyro.sample(
-                "z", MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates)
+                "z",
+                MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates, steps),
             )
         emission_in = [z]
         if config.inputs_to_emission:
@@ -177,9 +182,9 @@ def model(
             emission_in.append(x_prev.astype(z.dtype))
         emission_in = jnp.concatenate(emission_in, axis=-1) if len(emission_in) > 1 else z
         if config.emission == "gaussian":
-            per_entry = dist.Normal(*emitter(emission_in))
+            per_entry = dist.Normal(*per_real_step(emitter, steps, emission_in, fill=(0.0, 1.0)))
         else:
-            per_entry = dist.Bernoulli(logits=emitter(emission_in))
+            per_entry = dist.Bernoulli(logits=per_real_step(emitter, steps, emission_in))
         emission = per_entry.mask(present).to_event(1).mask(mask).to_event(1)
         numpyro.sample("x", emission, obs=x)
     return z
@@ -194,6 +199,7 @@ def guide(
     inputs: Array | None = None,
     dt: Array | None = None,
     obs_mask: Array | None = None,
+    steps: RealSteps | None = None,
 ):
     """q(z_{1:T} | x_{1:T}), the inference network ``config.guide``; returns z [B, T, Z].
 
@@ -251,10 +257,10 @@ def guide(
     if uses_left:
         states.append(encoder_left(x, mask))
     if uses_right:
-        states.append(encoder(x, mask))
+        states.append(encoder(x, mask, steps))
     hidden = states[0] if len(states) == 1 else states[0] + states[1]
     if structured:
-        trajectory = functools.partial(combiner, method="sample_trajectory")
+        trajectory = functools.partial(combiner, method="sample_trajectory", steps=steps)
         posterior = StructuredPosterior(combiner, z_q_0, hidden, mask, trajectory, flow)
     else:
         loc, scale = head(0.5 * hidden if config.guide == "mf-lr" else hidden)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmm_jax.real_steps import RealSteps, gather_rows, scatter_rows
 from dmm_jax.scans import active_steps, combiner_scan, reverse_relu_rnn_scan
 
 Array = jax.Array
@@ -209,22 +210,29 @@ class Combiner(nn.Module):
         return c @ self.w_loc + self.b_loc, nn.softplus(c @ self.w_scale + self.b_scale)
 
     def sample_trajectory(
-        self, z_start: Array, hidden: Array, noise: Array, mask: Array | None = None
+        self,
+        z_start: Array,
+        hidden: Array,
+        noise: Array,
+        mask: Array | None = None,
+        steps: RealSteps | None = None,
     ) -> tuple[Array, Array]:
         """z_start [B, Z], hidden [B, T, H], noise [B, T, Z] -> (z, scale), each [B, T, Z].
 
         z_t = loc(z_{t-1}, h_t) + scale(z_{t-1}, h_t) * noise_t, from z_0 = z_start.
         ``mask`` [B, T] (True for real steps): with the hand-written scan, steps after the last
         real one of the batch are not drawn (z = 0, scale = 1 there); the real steps are the
-        same either way.
+        same either way. ``steps`` (the batch's real steps): the hand-written backward pass sums
+        the weight gradients over those only.
         """
         hidden, noise = jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(noise, 0, 1)
         if self.custom_vjp:
             w_out = jnp.concatenate([self.w_loc, self.w_scale], axis=1)
             b_out = jnp.concatenate([self.b_loc, self.b_scale])
             num_steps = jnp.int32(hidden.shape[0]) if mask is None else active_steps(mask)
+            rows = None if steps is None else steps.time_major
             z, scale = combiner_scan(
-                z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out, num_steps, self.mix
+                z_start, hidden, noise, self.w_z, self.b_z, w_out, b_out, num_steps, rows, self.mix
             )
         else:
 
@@ -247,7 +255,9 @@ class BackwardEncoder(nn.Module):
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
     ("rnn": ReLU Elman, "gru", "lstm"). The "rnn" cell uses the hand-written backward pass of
     ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False. Steps after the
-    batch's last real one are skipped (a bucket's padding costs no sequential work).
+    batch's last real one are skipped (a bucket's padding costs no sequential work). Given
+    the batch's real ``steps`` (``dmm_jax.real_steps``), the input projection and the RNN's
+    weight gradient run on those rows only (padded steps get a zero projection, unused).
     """
 
     rnn_dim: int
@@ -255,7 +265,7 @@ class BackwardEncoder(nn.Module):
     custom_vjp: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, mask: Array, steps: RealSteps | None = None) -> Array:
         """x [B, T, X], mask [B, T] (1 for real steps) -> hidden states [B, T, H]."""
         if self.cell not in RNN_CELLS:
             raise ValueError(f"rnn cell must be one of {RNN_CELLS}, got {self.cell!r}")
@@ -273,10 +283,16 @@ class BackwardEncoder(nn.Module):
             carry = (carry, jnp.broadcast_to(c_0, (batch, hidden)))
 
         # Time-major for the scan: [T, B, ...].
-        x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
+        if steps is None:
+            x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
+        else:
+            x_rows = gather_rows(x, steps.batch_major) @ w_ih + b_ih
+            x_proj = scatter_rows(x_rows, steps.time_major, (x.shape[1], batch), 0.0)
         keep = jnp.swapaxes(mask, 0, 1)[..., None].astype(bool)
         if self.cell == "rnn" and self.custom_vjp:
-            states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh, active_steps(mask))
+            rows = None if steps is None else steps.time_major
+            num_steps = active_steps(mask)
+            states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh, num_steps, rows)
             return jnp.swapaxes(states, 0, 1)
         step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
         num_steps = active_steps(mask)

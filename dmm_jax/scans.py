@@ -14,6 +14,10 @@ coarse length bucket costs no sequential work. Steps past ``num_steps`` are padd
 sequence; their outputs are fixed values (the RNN's start state, z = 0 with scale 1) that the
 masks drop.
 
+The weight gradients can also be summed over a batch's real steps only (``rows``: their flat
+indices into the [T * B] rows, from ``dmm_jax.real_steps``), skipping the padded rows, whose
+terms are zero.
+
 All arrays here are time-major ([T, B, ...]) and in processing order.
 """
 
@@ -24,6 +28,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from dmm_jax.real_steps import gather_rows
 
 Array = jax.Array
 
@@ -49,8 +55,11 @@ def _padding_steps(num_steps: Array, total: int) -> Array:
     return (jnp.arange(total) >= num_steps)[:, None, None]
 
 
-def _outer_sum(a: Array, b: Array) -> Array:
-    """sum over (t, b) of a[t, b]^T b[t, b]: one [T*B, I]^T x [T*B, J] matmul."""
+def _outer_sum(a: Array, b: Array, rows: Array | None = None) -> Array:
+    """sum over (t, b) of a[t, b]^T b[t, b]: one [T*B, I]^T x [T*B, J] matmul, or over the
+    ``rows`` only (where the other rows of ``b`` are zero)."""
+    if rows is not None:
+        return gather_rows(a, rows).T @ gather_rows(b, rows)
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
@@ -59,7 +68,13 @@ def _outer_sum(a: Array, b: Array) -> Array:
 
 @jax.custom_vjp
 def reverse_relu_rnn_scan(
-    x_proj: Array, keep: Array, h_start: Array, w_hh: Array, b_hh: Array, num_steps: Array
+    x_proj: Array,
+    keep: Array,
+    h_start: Array,
+    w_hh: Array,
+    b_hh: Array,
+    num_steps: Array,
+    rows: Array | None = None,
 ) -> Array:
     """A ReLU RNN run backward in time, from t = num_steps-1 down to 0:
 
@@ -71,14 +86,16 @@ def reverse_relu_rnn_scan(
         h_start: [B, H]. w_hh: [H, H]. b_hh: [H].
         num_steps: int32 scalar; ``keep`` must be False at every step t >= num_steps (see
             ``active_steps``), where the state is h_start without running the loop.
+        rows: optional [R] int32 flat indices (t * B + b) of every step where ``keep`` is
+            True (out-of-range filler allowed); W_hh's gradient is then summed over them only.
 
     Returns:
         states h_t [T, B, H], in time order.
     """
-    return _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps)[0]
+    return _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows)[0]
 
 
-def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps):
+def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows=None):
     def step(i, carry):
         h, states = carry
         t = num_steps - 1 - i
@@ -89,11 +106,11 @@ def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps):
 
     states = jnp.broadcast_to(h_start, x_proj.shape).astype(x_proj.dtype)
     _, states = jax.lax.fori_loop(0, num_steps, step, (h_start, states))
-    return states, (states, keep, h_start, w_hh, num_steps)
+    return states, (states, keep, h_start, w_hh, num_steps, rows)
 
 
 def _relu_rnn_backward(residuals, g_states):
-    states, keep, h_start, w_hh, num_steps = residuals
+    states, keep, h_start, w_hh, num_steps, rows = residuals
     active = keep & (states > 0)  # where the ReLU passed its input through
     w_hh_t = w_hh.T
 
@@ -113,8 +130,8 @@ def _relu_rnn_backward(residuals, g_states):
     dh_start = dh_start + jnp.sum(jnp.where(padding, g_states, 0.0), axis=0)
     # The state each step started from: h_{t+1}, with h_T = h_start.
     previous = jnp.concatenate([states[1:], h_start[None]], axis=0)
-    dw_hh = _outer_sum(previous, d_pre)
-    return d_pre, None, dh_start, dw_hh, jnp.sum(d_pre, axis=(0, 1)), None
+    dw_hh = _outer_sum(previous, d_pre, rows)  # d_pre is 0 where keep is False
+    return d_pre, None, dh_start, dw_hh, jnp.sum(d_pre, axis=(0, 1)), None, None
 
 
 reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
@@ -123,7 +140,7 @@ reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
 # ----------------------------------------------------------------------------- guide chain
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def combiner_scan(
     z_start: Array,
     hidden: Array,
@@ -133,6 +150,7 @@ def combiner_scan(
     w_out: Array,
     b_out: Array,
     num_steps: Array,
+    rows: Array | None = None,
     mix: float = 0.5,
 ) -> tuple[Array, Array]:
     """Draws z_{1:T} from the combiner chain, reparameterized by ``noise``.
@@ -146,17 +164,20 @@ def combiner_scan(
         w_z: [Z, H]. b_z: [H]. w_out: [H, 2Z] (loc and scale columns side by side). b_out: [2Z].
         num_steps: int32 scalar, the steps to draw; steps t >= num_steps (padding for every
             sequence) get z_t = 0 and scale_t = 1, constants that carry no gradient.
+        rows: optional [R] int32 flat indices (t * B + b) of the real steps (out-of-range
+            filler allowed): the weight gradients are then summed over them only, which is
+            exact when the cotangents of z and scale are zero on every other step (masked).
         mix: a Python float, 1/2 for ST-R/ST-L (h_t one RNN state) and 1/3 for ST-LR (h_t the
             sum of the two directions' states), so c_t is the average of its terms.
 
     Returns:
         (z, scale), each [T, B, Z].
     """
-    args = (z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps)
+    args = (z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps, rows)
     return _combiner_forward(*args, mix)[0]
 
 
-def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps, mix=0.5):
+def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps, rows, mix=0.5):
     z_dim = z_start.shape[-1]
 
     def step(t, carry):
@@ -185,12 +206,12 @@ def _combiner_forward(z_start, hidden, noise, w_z, b_z, w_out, b_out, num_steps,
     _, z, scale, scale_pre = jax.lax.fori_loop(0, num_steps, step, init)
     # u_t is not kept: rebuilt in the backward pass by one batched matmul over all steps, so
     # long sequences hold one [T, B, H] array fewer between the two passes.
-    residuals = (z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre, num_steps)
+    residuals = (z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre, num_steps, rows)
     return (z, scale), residuals
 
 
 def _combiner_backward(mix, residuals, cotangents):
-    z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre, num_steps = residuals
+    z_start, hidden, noise, w_z, b_z, w_out, z, scale, scale_pre, num_steps, rows = residuals
     padding = _padding_steps(num_steps, z.shape[0])
     # The padded steps' outputs are constants: whatever reaches them goes nowhere.
     g_z, g_scale = (jnp.where(padding, 0.0, g) for g in cotangents)
@@ -219,18 +240,25 @@ def _combiner_backward(mix, residuals, cotangents):
     # from (dz, d_c) in batched ops, which also keeps fewer [T, B, H] arrays alive.
     init = (jnp.zeros_like(z_start), jnp.zeros_like(g_z), jnp.zeros_like(hidden))
     dz_start, dz, d_c = jax.lax.fori_loop(0, num_steps, step, init)
+    d_hidden, d_noise = mix * d_c, dz * scale
+    if rows is not None:  # the weight gradients' terms on the real steps only
+        z_prev, u, hidden, d_c, d_tanh, dz, noise, d_softplus, g_scale_pre = (
+            gather_rows(a, rows)
+            for a in (z_prev, u, hidden, d_c, d_tanh, dz, noise, d_softplus, g_scale_pre)
+        )
     d_out = d_output(dz, noise, d_softplus, g_scale_pre)
     d_a = mix * d_c * d_tanh
     c = mix * (u + hidden)
     return (
         dz_start,
-        mix * d_c,  # d hidden
-        dz * scale,  # d noise
+        d_hidden,
+        d_noise,
         _outer_sum(z_prev, d_a),
-        jnp.sum(d_a, axis=(0, 1)),
+        jnp.sum(d_a, axis=tuple(range(d_a.ndim - 1))),
         _outer_sum(c, d_out),
-        jnp.sum(d_out, axis=(0, 1)),
+        jnp.sum(d_out, axis=tuple(range(d_out.ndim - 1))),
         None,  # num_steps
+        None,  # rows
     )
 
 

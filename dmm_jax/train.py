@@ -47,10 +47,16 @@ from dmm_jax.checkpoint import (
 )
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data.arrays import SequenceArrays
-from dmm_jax.data.batching import PaddedSequences, length_grouped_batches, shuffled_batches
+from dmm_jax.data.batching import (
+    PaddedSequences,
+    length_grouped_batches,
+    real_step_capacities,
+    shuffled_batches,
+)
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.model import example_covariates, guide, model
 from dmm_jax.objectives import AnalyticKLTraceELBO
+from dmm_jax.real_steps import real_steps
 
 Array = jax.Array
 
@@ -257,7 +263,9 @@ class UpdateStep:
     """``jax.jit(svi.update)``, compiled ahead of time once per batch shape.
 
     Call: (svi_state, x [B, T, X], lengths [B], annealing_factor [], **covariates) ->
-    (svi_state, loss); covariates are the model's optional ``inputs``/``dt``/``obs_mask``.
+    (svi_state, loss); covariates are the model's optional ``inputs``/``dt``/``obs_mask`` and
+    ``steps`` (the batch's real steps: ``takes_real_steps`` says for which shapes). A shape is
+    x's shape plus the number of real-step slots (0: none).
     Every new shape is lowered and compiled explicitly, so ``compiled_shapes`` and
     ``compile_seconds`` (wall time, all shapes) say exactly what compiled and what it cost; a
     call with a new annealing factor reuses the executable (it is a float32 array argument).
@@ -313,8 +321,9 @@ class UpdateStep:
                 rows = distributed.padded_batch_size(x.shape[0], self.mesh)
                 x = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
                 lengths = jax.ShapeDtypeStruct((rows,), lengths.dtype)
-            if tuple(x.shape) not in self._executables:
-                specs.setdefault(tuple(x.shape), (x, lengths, covariates))
+            key = _batch_key(x, covariates)
+            if key not in self._executables:
+                specs.setdefault(key, (x, lengths, covariates))
         if not specs:
             return
         start = time.perf_counter()
@@ -334,11 +343,16 @@ class UpdateStep:
         self._executables.update(zip(specs, executables))
         self.compile_seconds += time.perf_counter() - start
 
-    def has_compiled(self, shape: tuple[int, ...]) -> bool:
+    def has_compiled(self, shape: tuple[int, ...], real_step_slots: int = 0) -> bool:
         """Whether a batch of ``shape`` (before padding for the mesh) is compiled already."""
         if self.mesh is not None:
             shape = (distributed.padded_batch_size(shape[0], self.mesh), *shape[1:])
-        return tuple(shape) in self._executables
+        return (*shape, real_step_slots) in self._executables
+
+    def takes_real_steps(self, shape: tuple[int, ...]) -> bool:
+        """Whether a batch of ``shape`` may pass ``steps``: not data-parallel, not split into
+        micro-batches (their sequences are split, the steps' indices are not)."""
+        return self.mesh is None and microbatch_count(*shape[:2], self._microbatch_steps) == 1
 
     def _jitted_for(self, shape: tuple[int, ...]):
         count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
@@ -357,15 +371,36 @@ class UpdateStep:
                 (svi_state, np.float32(annealing)), self.mesh
             )
             x, lengths = distributed.shard_batch(x, lengths, self.mesh)
-        shape = tuple(x.shape)
-        if shape not in self._executables:
+        key = _batch_key(x, covariates)
+        if key not in self._executables:
             self.compile(svi_state, [(x, lengths, covariates)])
         annealing = jnp.asarray(annealing, jnp.float32)
-        return self._executables[shape](svi_state, x, lengths, annealing, **covariates)
+        return self._executables[key](svi_state, x, lengths, annealing, **covariates)
 
 
 def _spec(array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(array), array.dtype)
+
+
+def _batch_key(x, covariates: dict) -> tuple[int, ...]:
+    steps = covariates.get("steps")
+    return (*x.shape, 0 if steps is None else int(np.shape(steps.batch_major)[0]))
+
+
+@functools.lru_cache(maxsize=8)
+def _planned_capacities(lengths: bytes, batch_size: int, length_grouped: bool) -> dict[int, int]:
+    return real_step_capacities(np.frombuffer(lengths, np.int32), batch_size, length_grouped)
+
+
+def real_step_capacity(
+    data: PaddedSequences | SequenceArrays, num_steps: int, config: TrainConfig
+) -> int:
+    """Real-step slots planned for ``data``'s batches padded to ``num_steps`` (0: none)."""
+    if not config.real_steps:
+        return 0
+    lengths = np.asarray(data.lengths, np.int32).tobytes()
+    plan = _planned_capacities(lengths, config.batch_size, config.length_bucketing)
+    return plan.get(num_steps, 0)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -507,21 +542,32 @@ def train_epoch(
         batches = length_grouped_batches(epoch_key, data.lengths, config.batch_size)
     else:
         batches = shuffled_batches(epoch_key, len(data), config.batch_size)
-    one_per_shape = {}  # one example batch per shape this epoch needs and has not compiled
-    for indices in batches:
+
+    def slots(indices) -> int:  # real-step slots of this batch's shape (0: scored densely)
         shape = data.padded_shape(indices, config.batch_size)
-        if not update.has_compiled(shape):
-            one_per_shape.setdefault(shape, indices)
-    update.compile(
-        state.svi_state,
-        [
-            (
-                *data.batch(indices, config.batch_size),
-                data.batch_covariates(indices, config.batch_size),
-            )
-            for indices in one_per_shape.values()
-        ],
-    )
+        if not update.takes_real_steps(shape):
+            return 0
+        capacity = real_step_capacity(data, shape[1], config)
+        return capacity if int(data.lengths[indices].sum()) <= capacity else 0
+
+    def covariates(indices, lengths, slots) -> dict:
+        covariates = data.batch_covariates(indices, config.batch_size)
+        if slots:
+            num_steps = data.padded_shape(indices, config.batch_size)[1]
+            covariates["steps"] = real_steps(lengths, num_steps, slots)
+        return covariates
+
+    batch_slots = [slots(indices) for indices in batches]
+    one_per_shape = {}  # one example batch per shape this epoch needs and has not compiled
+    for indices, n in zip(batches, batch_slots):
+        shape = data.padded_shape(indices, config.batch_size)
+        if not update.has_compiled(shape, n):
+            one_per_shape.setdefault((*shape, n), indices)
+    examples = []
+    for (*_, n), indices in one_per_shape.items():
+        x, lengths = data.batch(indices, config.batch_size)
+        examples.append((x, lengths, covariates(indices, lengths, n)))
+    update.compile(state.svi_state, examples)
     svi_state, losses, factor = state.svi_state, [], 1.0
     for i, indices in enumerate(
         tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
@@ -530,9 +576,9 @@ def train_epoch(
             x, lengths = data.batch(indices, config.batch_size)
         else:  # each process reads only the rows its devices hold
             x, lengths = distributed.global_batch(data, indices, config.batch_size, update.mesh)
-        covariates = data.batch_covariates(indices, config.batch_size)
         factor = annealing_factor(epoch, i, len(batches), config)
-        svi_state, loss = update(svi_state, x, lengths, factor, **covariates)
+        cov = covariates(indices, lengths, batch_slots[i])
+        svi_state, loss = update(svi_state, x, lengths, factor, **cov)
         losses.append(loss)  # stays on device: no sync per batch
     losses = np.asarray(jnp.stack(losses))
     finite = np.isfinite(losses)

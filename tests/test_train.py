@@ -105,7 +105,7 @@ def test_jitted_update_lowers_the_loss_and_annealing_never_recompiles(tiny_confi
         losses.append(float(loss))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert update.compiled_shapes == [(8, 10, tiny_config.obs_dim)]
+    assert update.compiled_shapes == [(8, 10, tiny_config.obs_dim, 0)]  # 0: no real steps
     x2, lengths2 = random_binary_batch(1, 8, 16, tiny_config.obs_dim)
     update(state, x2, lengths2, 1.0)
     assert len(update.compiled_shapes) == 2
@@ -164,7 +164,7 @@ def test_update_step_splits_only_shapes_over_the_microbatch_budget(tiny_config):
     x, lengths = random_binary_batch(0, 8, 20, tiny_config.obs_dim)  # 160 steps: 4 groups
     state, loss = update(state, x, lengths, 1.0)
     assert np.isfinite(float(loss)) and 0.0 < float(loss)
-    assert update.compiled_shapes == [(8, 20, tiny_config.obs_dim)]
+    assert update.compiled_shapes == [(8, 20, tiny_config.obs_dim, 0)]
     assert set(update._jitted) == {1, 4}
 
 
@@ -182,8 +182,10 @@ def test_fit_lowers_the_loss_and_evaluates_at_the_end(tiny_config):
         result.history[-1]["val_loss_per_step"]
     )
     assert "val_loss_per_step" not in result.history[0]  # eval_every=0: only at the end
-    # 16 sequences of <= 12 steps in batches of 5 padded to one bucket: one shape.
-    assert result.compiled_shapes == [(5, 48, tiny_config.obs_dim)]
+    # 16 sequences of <= 12 steps in batches of 5 padded to one bucket: one shape, scored on
+    # its real steps (at most 60 of the 240 padded ones).
+    [(*shape, slots)] = result.compiled_shapes
+    assert tuple(shape) == (5, 48, tiny_config.obs_dim) and 60 <= slots < 240
 
 
 def test_train_config_rejects_nonsense():

@@ -124,3 +124,32 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Deterministic chunks of sequences sorted by length: least padding, for evaluation."""
     order = np.argsort(lengths, kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def real_step_capacities(
+    lengths: np.ndarray, batch_size: int, length_grouped: bool, epochs: int = 32
+) -> dict[int, int]:
+    """Per length bucket, how many real steps a batch of that bucket is planned to hold.
+
+    Scoring only the real steps (``dmm_jax.real_steps``) needs a static row count per compiled
+    shape. It is planned from the data: the most real steps of any batch in ``epochs``
+    simulated epochs of the same batching (``length_grouped``: ``length_grouped_batches``,
+    else ``shuffled_batches``; fixed keys, so every run plans alike), plus 10% and rounded up
+    to a multiple of 64, at most batch_size * bucket. A batch above its bucket's capacity (rare
+    by construction) is scored densely instead: one more compiled shape, never a wrong result.
+    """
+    lengths = np.asarray(lengths)
+    most: dict[int, int] = {}
+    for epoch in range(epochs):
+        key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
+        if length_grouped:
+            batches = length_grouped_batches(key, lengths, batch_size)
+        else:
+            batches = shuffled_batches(key, len(lengths), batch_size)
+        for indices in batches:
+            bucket = length_bucket(int(lengths[indices].max()))
+            most[bucket] = max(most.get(bucket, 0), int(lengths[indices].sum()))
+    return {
+        bucket: min(batch_size * bucket, 64 * math.ceil(1.1 * real / 64))
+        for bucket, real in most.items()
+    }
