@@ -38,7 +38,7 @@ def worker(batch: int, steps: int, microbatch_steps: int) -> dict:
     x = (rng.random((batch, steps, 88)) < 0.05).astype(np.float32)
     lengths = np.full(batch, steps, np.int32)
     update.compile(state, [(x, lengths, {})])
-    temp = update._executables[x.shape].memory_analysis().temp_size_in_bytes
+    temp = update.executable(x.shape).memory_analysis().temp_size_in_bytes
     state, loss = update(state, x, lengths, 1.0)
     jax.block_until_ready(loss)
     start = time.perf_counter()

@@ -349,6 +349,11 @@ class UpdateStep:
             shape = (distributed.padded_batch_size(shape[0], self.mesh), *shape[1:])
         return (*shape, real_step_slots) in self._executables
 
+    def executable(self, shape: tuple[int, ...], real_step_slots: int = 0):
+        """The compiled update for batches of ``shape`` (after padding for the mesh), e.g. for
+        its ``memory_analysis()``; KeyError if not compiled."""
+        return self._executables[(*shape, real_step_slots)]
+
     def takes_real_steps(self, shape: tuple[int, ...]) -> bool:
         """Whether a batch of ``shape`` may pass ``steps``: not data-parallel, not split into
         micro-batches (their sequences are split, the steps' indices are not)."""
