@@ -397,15 +397,13 @@ def _planned_capacities(lengths: bytes, batch_size: int, length_grouped: bool) -
     return real_step_capacities(np.frombuffer(lengths, np.int32), batch_size, length_grouped)
 
 
-def real_step_capacity(
-    data: PaddedSequences | SequenceArrays, num_steps: int, config: TrainConfig
-) -> int:
-    """Real-step slots planned for ``data``'s batches padded to ``num_steps`` (0: none)."""
+def real_step_plan(data: PaddedSequences | SequenceArrays, config: TrainConfig) -> dict[int, int]:
+    """Real-step slots planned for ``data``'s batches, per padded length (absent: none);
+    planned once per (data, batching) and cached."""
     if not config.real_steps:
-        return 0
+        return {}
     lengths = np.asarray(data.lengths, np.int32).tobytes()
-    plan = _planned_capacities(lengths, config.batch_size, config.length_bucketing)
-    return plan.get(num_steps, 0)
+    return _planned_capacities(lengths, config.batch_size, config.length_bucketing)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -548,30 +546,28 @@ def train_epoch(
     else:
         batches = shuffled_batches(epoch_key, len(data), config.batch_size)
 
-    def slots(indices) -> int:  # real-step slots of this batch's shape (0: scored densely)
-        shape = data.padded_shape(indices, config.batch_size)
-        if not update.takes_real_steps(shape):
-            return 0
-        capacity = real_step_capacity(data, shape[1], config)
+    shapes = [data.padded_shape(indices, config.batch_size) for indices in batches]
+    plan = real_step_plan(data, config)
+
+    def slots(indices, shape) -> int:  # real-step slots of this batch (0: scored densely)
+        capacity = plan.get(shape[1], 0) if update.takes_real_steps(shape) else 0
         return capacity if int(data.lengths[indices].sum()) <= capacity else 0
 
-    def covariates(indices, lengths, slots) -> dict:
+    def covariates(indices, shape, lengths, num_slots) -> dict:
         covariates = data.batch_covariates(indices, config.batch_size)
-        if slots:
-            num_steps = data.padded_shape(indices, config.batch_size)[1]
-            covariates["steps"] = real_steps(lengths, num_steps, slots)
+        if num_slots:
+            covariates["steps"] = real_steps(lengths, shape[1], num_slots)
         return covariates
 
-    batch_slots = [slots(indices) for indices in batches]
+    batch_slots = [slots(indices, shape) for indices, shape in zip(batches, shapes)]
     one_per_shape = {}  # one example batch per shape this epoch needs and has not compiled
-    for indices, n in zip(batches, batch_slots):
-        shape = data.padded_shape(indices, config.batch_size)
+    for indices, shape, n in zip(batches, shapes, batch_slots):
         if not update.has_compiled(shape, n):
-            one_per_shape.setdefault((*shape, n), indices)
+            one_per_shape.setdefault((*shape, n), (indices, shape))
     examples = []
-    for (*_, n), indices in one_per_shape.items():
+    for (*_, n), (indices, shape) in one_per_shape.items():
         x, lengths = data.batch(indices, config.batch_size)
-        examples.append((x, lengths, covariates(indices, lengths, n)))
+        examples.append((x, lengths, covariates(indices, shape, lengths, n)))
     update.compile(state.svi_state, examples)
     svi_state, losses, factor = state.svi_state, [], 1.0
     for i, indices in enumerate(
@@ -582,7 +578,7 @@ def train_epoch(
         else:  # each process reads only the rows its devices hold
             x, lengths = distributed.global_batch(data, indices, config.batch_size, update.mesh)
         factor = annealing_factor(epoch, i, len(batches), config)
-        cov = covariates(indices, lengths, batch_slots[i])
+        cov = covariates(indices, shapes[i], lengths, batch_slots[i])
         svi_state, loss = update(svi_state, x, lengths, factor, **cov)
         losses.append(loss)  # stays on device: no sync per batch
     losses = np.asarray(jnp.stack(losses))

@@ -51,12 +51,12 @@ def test_per_real_step_matches_dense_on_real_steps_and_fills_padding():
     np.testing.assert_array_equal(scale[~mask], 1.0)
 
 
-def _assert_trees_close(actual, expected):
+def _assert_trees_close(actual, expected, rtol=RTOL):
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)
     ):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL * scale, err_msg=str(path))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=str(path))
 
 
 CASES = {  # (config changes, KL estimator)
@@ -123,7 +123,7 @@ def test_training_on_real_steps_follows_the_dense_run(tiny_config, length_bucket
     assert all(slots == 0 for *_, slots in dense_shapes)
     assert all(0 < slots < b * t for b, t, _, slots in shapes)  # every batch on its real steps
     np.testing.assert_allclose(losses, dense_losses, rtol=1e-4)
-    _assert_trees_close_to(params, dense_params, rtol=1e-4)
+    _assert_trees_close(params, dense_params, rtol=1e-4)
 
 
 def test_a_batch_above_its_planned_capacity_is_scored_densely(tiny_config, monkeypatch):
@@ -131,18 +131,10 @@ def test_a_batch_above_its_planned_capacity_is_scored_densely(tiny_config, monke
     from dmm_jax.config import TrainConfig
     from dmm_jax.data.batching import PaddedSequences
 
-    monkeypatch.setattr(train, "real_step_capacity", lambda data, num_steps, config: 10)
+    monkeypatch.setattr(train, "real_step_plan", lambda data, config: {48: 10})
     rng = np.random.default_rng(1)
     for lengths, slots in (((3, 4, 1, 2), 10), ((3, 4, 9, 2), 0)):  # 10 real steps, then 18
         data = PaddedSequences([(rng.random((n, tiny_config.obs_dim)) < 0.3) for n in lengths])
         losses, _, shapes = _epochs(tiny_config, TrainConfig(batch_size=4), data, epochs=1)
         assert np.isfinite(losses).all()
         assert shapes == [(4, 48, tiny_config.obs_dim, slots)]
-
-
-def _assert_trees_close_to(actual, expected, rtol):
-    for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)
-    ):
-        scale = float(jnp.max(jnp.abs(b))) + 1e-12
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=str(path))
