@@ -81,6 +81,21 @@ def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsy
     assert "test IS 6.500 (S=50), bound 6.900" in line
 
 
+def test_long_runs_that_keep_the_best_state_also_evaluate_it(tmp_path, capsys):
+    long_runs = _load("long_runs")
+    name = "aug-analytic-kl-lr1e-3-cosine"
+    train, last, best = long_runs.commands(name, tmp_path, 2500, 0, 2000)
+    assert "--early-stopping-patience" in train and "--best" not in last
+    assert best == [*last, "--best"]
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps({"epoch": 2499}) + "\n")
+    for value, path in zip((6.30, 6.28), long_runs.result_files(name, tmp_path)):
+        result = {"is_nll_per_step": value, "num_samples": 2000, "elbo_nll_per_step": 6.6}
+        path.write_text(json.dumps(result))
+    long_runs.main(["--runs-dir", str(tmp_path), "status"])
+    line = capsys.readouterr().out.strip()
+    assert "  test IS 6.300 (S=2000)" in line and "best test IS 6.280 (S=2000)" in line
+
+
 def test_long_sequence_memory_worker_runs_one_microbatched_update():
     # The worker's code path on a tiny batch: 2 sequences of 8 steps in 2 micro-batches.
     spec = importlib.util.spec_from_file_location(
