@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=LR_SCHEDULES,
         default=t.lr_schedule,
-        help="exponential: lr * lr_decay^step (the reference); cosine: to 0 over all epochs",
+        help="exponential: lr * lr_decay^steps (the reference); cosine: to 0 over all epochs",
     )
     train.add_argument(
         "--kl",

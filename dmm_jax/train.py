@@ -96,7 +96,8 @@ def scale_by_pyro_adam(b1: float, b2: float, eps: float) -> optax.GradientTransf
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Schedule:
     """Step size at update k = 0, 1, ... (``config.lr_schedule``):
 
-    exponential: learning_rate * lr_decay^k                      (the reference's)
+    exponential: learning_rate * lr_decay^(k + 1)                (the reference's: Pyro's
+                 ClippedAdam decays its rate before each step, the first one included)
     constant:    learning_rate
     cosine:      learning_rate * (1 + cos(pi k / K)) / 2,  K = epochs * steps_per_epoch
     """
@@ -107,7 +108,7 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int = 1) -> opt
             config.learning_rate, decay_steps=max(config.epochs * steps_per_epoch, 1)
         )
     return optax.exponential_decay(
-        config.learning_rate, transition_steps=1, decay_rate=config.lr_decay
+        config.learning_rate * config.lr_decay, transition_steps=1, decay_rate=config.lr_decay
     )
 
 
@@ -116,7 +117,8 @@ def clipped_adam(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradien
 
     Each gradient element is clipped to +-clip_norm, then weight_decay * param is added, then
     Adam; the step size follows ``learning_rate_schedule`` (by default learning_rate *
-    lr_decay^k at step k). The state has the same structure under every schedule.
+    lr_decay^(k + 1) at step k = 0, 1, ...). The state has the same structure under every
+    schedule.
 
     Every step is elementwise, so it runs on all parameters raveled into one vector
     (``optax.flatten``): the same numbers, but a handful of fused loops instead of a few per

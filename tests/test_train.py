@@ -48,6 +48,7 @@ def test_clipped_adam_matches_a_hand_computed_pyro_step():
     def pyro_steps(p, gs):
         p, m, v, lr = np.array(p, np.float64), 0.0, 0.0, cfg.learning_rate
         for step, g in enumerate(gs, start=1):
+            lr *= cfg.lr_decay  # before the step, the first one included
             g = (
                 np.clip(np.array(g, np.float64), -cfg.clip_norm, cfg.clip_norm)
                 + cfg.weight_decay * p
@@ -56,7 +57,6 @@ def test_clipped_adam_matches_a_hand_computed_pyro_step():
             v = cfg.beta2 * v + (1 - cfg.beta2) * g * g
             step_size = lr * np.sqrt(1 - cfg.beta2**step) / (1 - cfg.beta1**step)
             p = p - step_size * m / (np.sqrt(v) + cfg.adam_eps)
-            lr *= cfg.lr_decay
         return p
 
     np.testing.assert_allclose(
@@ -199,7 +199,7 @@ def test_learning_rate_schedules():
     from dmm_jax.train import learning_rate_schedule
 
     cfg = TrainConfig(learning_rate=0.1, lr_decay=0.5, epochs=4)
-    assert float(learning_rate_schedule(cfg)(3)) == pytest.approx(0.1 * 0.5**3)
+    assert float(learning_rate_schedule(cfg)(3)) == pytest.approx(0.1 * 0.5**4)
     constant = dataclasses.replace(cfg, lr_schedule="constant")
     assert float(learning_rate_schedule(constant)(1000)) == pytest.approx(0.1)
     cosine = learning_rate_schedule(dataclasses.replace(cfg, lr_schedule="cosine"), 5)
