@@ -44,8 +44,15 @@ CONFIGS = {
     # exponential decay leaves it at 3e-4 after 2500 epochs); best.msgpack keeps the epoch of
     # the best validation bound (a patience longer than the run never stops it)
     "aug-analytic-kl-lr1e-3-cosine": [
-        "--augmented", "--kl", "analytic", "--learning-rate", "1e-3", "--lr-schedule", "cosine",
-        "--early-stopping-patience", "1000",
+        "--augmented",
+        "--kl",
+        "analytic",
+        "--learning-rate",
+        "1e-3",
+        "--lr-schedule",
+        "cosine",
+        "--early-stopping-patience",
+        "1000",
     ],
 }
 _NAME_WIDTH = max(map(len, CONFIGS))
@@ -79,8 +86,7 @@ def start(args: argparse.Namespace) -> None:
     script = f"{shlex.join(train)} >> {shlex.quote(str(out))} 2>&1"
     for evaluate, result in zip(evaluations, result_files(args.name, runs_dir)):
         script += (
-            f" && {shlex.join(evaluate)} > {shlex.quote(str(result))}"
-            f" 2>> {shlex.quote(str(out))}"
+            f" && {shlex.join(evaluate)} > {shlex.quote(str(result))} 2>> {shlex.quote(str(out))}"
         )
     (runs_dir / f"{args.name}.commands.sh").write_text(script + "\n")
     niceness = ["nice", "-n", str(args.nice)] if args.nice else []

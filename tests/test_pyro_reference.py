@@ -1,6 +1,7 @@
-"""dmm_jax against the PyTorch/Pyro reference (``benchmarks/pyro_reference.py``), number for
-number: with the reference's weights copied in, the model's and the guide's log densities of
-the same latent trajectories agree, and ClippedAdam takes the same steps.
+"""The PyTorch/Pyro reference DMM in ``benchmarks/pyro_reference.py``: a smoke test of its
+training code, and dmm_jax against it number for number: with the reference's weights copied
+in, the model's and the guide's log densities of the same latent trajectories agree, and
+ClippedAdam takes the same steps.
 
 Skips unless the ``bench`` extra (torch, pyro-ppl) is installed.
 """
@@ -8,6 +9,7 @@ Skips unless the ``bench`` extra (torch, pyro-ppl) is installed.
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 import sys
 
@@ -20,9 +22,9 @@ from numpyro import handlers
 torch = pytest.importorskip("torch", reason="needs the bench extra (torch)")
 pyro = pytest.importorskip("pyro", reason="needs the bench extra (pyro-ppl)")
 
-from dmm_jax.config import DMMConfig, TrainConfig  # noqa: E402
-from dmm_jax.model import guide, model  # noqa: E402
-from dmm_jax.train import clipped_adam  # noqa: E402
+from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.model import guide, model
+from dmm_jax.train import clipped_adam
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pyro_reference.py"
 SIZES = {"z_dim": 3, "emission_dim": 5, "transition_dim": 7, "rnn_dim": 8}
@@ -31,7 +33,7 @@ OBS_DIM = 6
 
 @pytest.fixture(scope="module")
 def ref():
-    spec = importlib.util.spec_from_file_location("pyro_reference_equivalence", _PATH)
+    spec = importlib.util.spec_from_file_location("pyro_reference", _PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
@@ -41,18 +43,35 @@ def ref():
         sys.modules.pop(spec.name, None)
 
 
+def test_one_epoch_finite_and_seeded(ref):
+    rng = np.random.default_rng(0)
+    seqs = [(rng.random((n, OBS_DIM)) < 0.3).astype(np.uint8) for n in (3, 5, 4, 2)]
+
+    def one_epoch():
+        trainer = ref.ReferenceTrainer(seqs, seed=1, batch_size=3, **SIZES)
+        row = trainer.run_epoch()
+        return row, trainer.evaluate(seqs[:2])
+
+    (row_a, eval_a), (row_b, eval_b) = one_epoch(), one_epoch()
+    assert row_a["epoch"] == 0
+    assert math.isfinite(row_a["train_loss_per_step"]) and math.isfinite(eval_a)
+    assert row_a["annealing_factor"] == pytest.approx(0.2 + 0.8 * 2 / 2000)
+    assert row_a["train_loss_per_step"] == row_b["train_loss_per_step"]
+    assert eval_a == eval_b
+
+
+def _array(tensor) -> jnp.ndarray:
+    return jnp.asarray(tensor.detach().numpy())
+
+
 def _linear(layer) -> dict[str, jnp.ndarray]:
     """torch nn.Linear (y = x W^T + b) as dmm_jax's Linear (y = x W + b)."""
-    return {
-        "kernel": jnp.asarray(layer.weight.detach().numpy().T),
-        "bias": jnp.asarray(layer.bias.detach().numpy()),
-    }
+    return {"kernel": _array(layer.weight).T, "bias": _array(layer.bias)}
 
 
 def _jax_params(net) -> dict:
     """dmm_jax's parameter tree holding the reference network's weights."""
     trans, emitter, combiner, rnn = net.trans, net.emitter, net.combiner, net.rnn
-    as_array = lambda t: jnp.asarray(t.detach().numpy())  # noqa: E731
     return {
         "transition$params": {
             "gate_z_to_hidden": _linear(trans.lin_gate_z_to_hidden),
@@ -68,22 +87,22 @@ def _jax_params(net) -> dict:
             "hidden_to_logits": _linear(emitter.lin_hidden_to_input),
         },
         "combiner$params": {
-            "w_z": as_array(combiner.lin_z_to_hidden.weight).T,
-            "b_z": as_array(combiner.lin_z_to_hidden.bias),
-            "w_loc": as_array(combiner.lin_hidden_to_loc.weight).T,
-            "b_loc": as_array(combiner.lin_hidden_to_loc.bias),
-            "w_scale": as_array(combiner.lin_hidden_to_scale.weight).T,
-            "b_scale": as_array(combiner.lin_hidden_to_scale.bias),
+            "w_z": _array(combiner.lin_z_to_hidden.weight).T,
+            "b_z": _array(combiner.lin_z_to_hidden.bias),
+            "w_loc": _array(combiner.lin_hidden_to_loc.weight).T,
+            "b_loc": _array(combiner.lin_hidden_to_loc.bias),
+            "w_scale": _array(combiner.lin_hidden_to_scale.weight).T,
+            "b_scale": _array(combiner.lin_hidden_to_scale.bias),
         },
         "encoder$params": {
-            "w_ih": as_array(rnn.weight_ih_l0).T,
-            "b_ih": as_array(rnn.bias_ih_l0),
-            "w_hh": as_array(rnn.weight_hh_l0).T,
-            "b_hh": as_array(rnn.bias_hh_l0),
-            "h_0": as_array(net.h_0).reshape(-1),
+            "w_ih": _array(rnn.weight_ih_l0).T,
+            "b_ih": _array(rnn.bias_ih_l0),
+            "w_hh": _array(rnn.weight_hh_l0).T,
+            "b_hh": _array(rnn.bias_hh_l0),
+            "h_0": _array(net.h_0).reshape(-1),
         },
-        "z_0": as_array(net.z_0),
-        "z_q_0": as_array(net.z_q_0),
+        "z_0": _array(net.z_0),
+        "z_q_0": _array(net.z_q_0),
     }
 
 
