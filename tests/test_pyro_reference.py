@@ -174,8 +174,15 @@ def test_clipped_adam_takes_the_reference_steps():
     grads = [3.0 * rng.normal(size=5).astype(np.float32) for _ in range(6)]
 
     weight = torch.nn.Parameter(torch.as_tensor(start.copy()))
-    optim_args = {"lr": 0.05, "betas": (0.96, 0.999), "clip_norm": 1.5, "lrd": 0.9}
-    optimizer = ClippedAdam([weight], **optim_args, weight_decay=2.0)
+    optimizer = ClippedAdam(
+        [weight],
+        lr=config.learning_rate,
+        betas=(config.beta1, config.beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        lrd=config.lr_decay,
+    )
     for g in grads:
         weight.grad = torch.as_tensor(g)
         optimizer.step()
