@@ -665,9 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable, "-m", "dmm_jax.cli", *sys.argv[1:]])
     if args.command == "train":
-        # XLA's per-update scratch buffers are reused, not page-faulted in. Not for the other
-        # commands: memory held in the one heap raised evaluate's peak (S=500 over the JSB
-        # test split: 1.8-2.4 GB resident with it, 1.4 GB without; 2000 samples: 2.6 GB).
+        # XLA's per-update scratch buffers are reused, not page-faulted in; not for the other
+        # commands, whose peak it raises (see dmm_jax.runtime).
         retain_freed_memory()
     if cache is not None:
         # A second run of the same shapes loads its executables instead of recompiling them.

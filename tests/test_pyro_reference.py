@@ -13,11 +13,10 @@ import math
 import pathlib
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numpyro import handlers
+from numpyro.infer.util import log_density
 
 torch = pytest.importorskip("torch", reason="needs the bench extra (torch)")
 pyro = pytest.importorskip("pyro", reason="needs the bench extra (pyro-ppl)")
@@ -107,24 +106,10 @@ def _jax_params(net) -> dict:
 
 
 def _log_densities_jax(params, x, lengths, z, annealing):
-    config = DMMConfig(obs_dim=OBS_DIM, **SIZES)
+    """log p(x, z) and log q(z | x) of dmm_jax, with its z site set to ``z``."""
     args = (jnp.asarray(x), jnp.asarray(lengths), jnp.float32(annealing))
-    totals = []
-    for fn in (model, guide):
-        conditioned = handlers.condition(handlers.substitute(fn, data=params), data={"z": z})
-        trace = handlers.trace(handlers.seed(conditioned, jax.random.PRNGKey(0))).get_trace(
-            *args, config=config
-        )
-        totals.append(
-            sum(
-                jnp.sum(site["scale"] * site["fn"].log_prob(site["value"]))
-                if site["scale"] is not None
-                else jnp.sum(site["fn"].log_prob(site["value"]))
-                for site in trace.values()
-                if site["type"] == "sample"
-            )
-        )
-    return [float(t) for t in totals]
+    kwargs = {"config": DMMConfig(obs_dim=OBS_DIM, **SIZES)}
+    return [float(log_density(fn, args, kwargs, {**params, "z": z})[0]) for fn in (model, guide)]
 
 
 def _log_densities_torch(ref, net, x, lengths, z, annealing):
