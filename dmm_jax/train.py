@@ -57,6 +57,7 @@ from dmm_jax.evaluate import evaluate_split
 from dmm_jax.model import example_covariates, guide, model
 from dmm_jax.objectives import AnalyticKLTraceELBO
 from dmm_jax.real_steps import real_steps
+from dmm_jax.runtime import compiler_options as default_compiler_options
 
 Array = jax.Array
 
@@ -281,6 +282,9 @@ class UpdateStep:
     With a ``mesh`` (``dmm_jax.distributed.data_mesh``) the same update runs data-parallel:
     the batch is split over the devices along its sequences (padded with empty sequences to a
     multiple of the device count; shapes are then the padded ones) and the state replicated.
+
+    ``compiler_options``: XLA options for every shape; None takes
+    ``dmm_jax.runtime.compiler_options`` for the platform it runs on, {} XLA's defaults.
     """
 
     def __init__(
@@ -290,16 +294,18 @@ class UpdateStep:
         *,
         max_workers: int | None = None,
         microbatch_steps: int = 0,
+        compiler_options: dict[str, Any] | None = None,
     ):
         self._svi = svi
         self.mesh = mesh
-        self._shardings = {}
+        if compiler_options is None:
+            platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+            compiler_options = default_compiler_options(platform)
+        self._jit_options = {"donate_argnums": 0, "compiler_options": compiler_options or None}
         if mesh is not None:  # data parallel: see dmm_jax.distributed
             same, split = distributed.replicated(mesh), distributed.batch_sharded(mesh)
-            self._shardings = {"in_shardings": (same, split, split, same), "out_shardings": same}
-        self._jitted = {
-            1: jax.jit(skipping_nonfinite(svi.update), donate_argnums=0, **self._shardings)
-        }
+            self._jit_options.update(in_shardings=(same, split, split, same), out_shardings=same)
+        self._jitted = {1: jax.jit(skipping_nonfinite(svi.update), **self._jit_options)}
         self._microbatch_steps = microbatch_steps
         self._executables: dict[tuple[int, ...], Any] = {}
         self._max_workers = max_workers or os.cpu_count() or 1
@@ -365,7 +371,7 @@ class UpdateStep:
         count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
         if count not in self._jitted:
             update = skipping_nonfinite(functools.partial(microbatched_update, self._svi, count))
-            self._jitted[count] = jax.jit(update, donate_argnums=0, **self._shardings)
+            self._jitted[count] = jax.jit(update, **self._jit_options)
         return self._jitted[count]
 
     def __call__(self, svi_state, x, lengths, annealing, **covariates):
