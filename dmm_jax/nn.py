@@ -286,8 +286,10 @@ class BackwardEncoder(nn.Module):
         if steps is None:
             x_proj = jnp.swapaxes(x @ w_ih + b_ih, 0, 1)
         else:
-            x_rows = gather_rows(x, steps.batch_major) @ w_ih + b_ih
-            x_proj = scatter_rows(x_rows, steps.time_major, (x.shape[1], batch), 0.0)
+            x_rows = gather_rows(x, steps.batch_major, steps.batch_major_slots) @ w_ih + b_ih
+            x_proj = scatter_rows(
+                x_rows, steps.time_major, (x.shape[1], batch), 0.0, steps.time_major_slots
+            )
         keep = jnp.swapaxes(mask, 0, 1)[..., None].astype(bool)
         if self.cell == "rnn" and self.custom_vjp:
             rows = None if steps is None else steps.time_major

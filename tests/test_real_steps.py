@@ -12,7 +12,7 @@ from numpyro.infer import Trace_ELBO
 
 from dmm_jax.model import guide, model, sequence_mask
 from dmm_jax.objectives import AnalyticKLTraceELBO
-from dmm_jax.real_steps import per_real_step, real_steps
+from dmm_jax.real_steps import gather_rows, per_real_step, real_steps, scatter_rows
 
 RTOL = 1e-5
 
@@ -27,6 +27,61 @@ def test_real_steps_lists_every_real_step_once_in_both_layouts():
     b, t = np.divmod(steps.batch_major[real], num_steps)
     np.testing.assert_array_equal(steps.time_major[real], t * len(lengths) + b)
     np.testing.assert_array_equal(steps.time_major[~real], mask.size)
+
+
+def test_slots_invert_the_row_indices_and_point_padding_at_the_fill_slot():
+    lengths, num_steps, capacity = np.array([3, 0, 5, 1]), 6, 12
+    steps = real_steps(lengths, num_steps, capacity)
+    for index, slots in (
+        (steps.batch_major, steps.batch_major_slots),
+        (steps.time_major, steps.time_major_slots),
+    ):
+        real = index < slots.size
+        np.testing.assert_array_equal(slots[index[real]], np.flatnonzero(real))
+        padded = np.setdiff1d(np.arange(slots.size), index[real])
+        assert padded.size == slots.size - lengths.sum()
+        np.testing.assert_array_equal(slots[padded], capacity)
+
+
+def test_row_moves_by_slot_give_the_scatters_values_and_gradients():
+    # gather_rows/scatter_rows with slots avoid XLA's scatter; without, they are plain
+    # indexing with autodiff's scatter-add: both must give the same numbers.
+    lengths, num_steps = np.array([2, 4, 0]), 4
+    steps = real_steps(lengths, num_steps, capacity=8)
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, num_steps, 5))
+    w = jax.random.normal(jax.random.PRNGKey(3), (num_steps, 3, 5))
+
+    def loss(x, use_slots):
+        rows_slots = steps.batch_major_slots if use_slots else None
+        dense_slots = steps.time_major_slots if use_slots else None
+        rows = jnp.sin(gather_rows(x, steps.batch_major, rows_slots))  # filler rows: sin(0)
+        dense = scatter_rows(rows, steps.time_major, (num_steps, 3), 0.5, dense_slots)
+        return jnp.sum(w * dense**2), dense
+
+    (value, dense), grad = jax.value_and_grad(loss, has_aux=True)(x, True)
+    (expected, expected_dense), expected_grad = jax.value_and_grad(loss, has_aux=True)(x, False)
+    np.testing.assert_allclose(dense, expected_dense, rtol=1e-6)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6)
+    padded = ~np.asarray(sequence_mask(jnp.asarray(lengths), num_steps)).T
+    np.testing.assert_array_equal(dense[padded], 0.5)
+    assert np.all(np.asarray(grad)[np.asarray(lengths)[:, None] <= np.arange(num_steps)] == 0)
+
+
+def test_the_training_step_on_real_steps_holds_no_scatter(tiny_config):
+    # XLA's CPU backend runs a scatter as a loop with one iteration per row: the step on real
+    # steps moves rows by gathers only, forward and backward.
+    from dmm_jax.config import TrainConfig
+    from dmm_jax.train import build_svi, init_train_state
+
+    svi = build_svi(tiny_config, TrainConfig())
+    state = init_train_state(svi, 0, tiny_config.obs_dim)
+    x, lengths = random_binary_batch(4, 4, 12, tiny_config.obs_dim, lengths=[10, 7, 0, 9])
+    steps = real_steps(lengths, 12, capacity=32)
+    update = jax.jit(svi.update)
+    with_steps = update.lower(state.svi_state, x, lengths, 1.0, steps=steps).as_text()
+    assert "stablehlo.gather" in with_steps
+    assert "stablehlo.scatter" not in with_steps
 
 
 def test_real_steps_refuses_a_batch_above_its_capacity():
