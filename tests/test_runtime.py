@@ -1,5 +1,6 @@
-"""retain_freed_memory: a freed large buffer is reused without page faults (glibc only), on the
-main thread and on others (XLA's scratch buffers are allocated by its worker threads)."""
+"""dmm_jax.runtime: retain_freed_memory reuses a freed large buffer without page faults (glibc
+only), on the main thread and on others (XLA's scratch buffers are allocated by its worker
+threads); compiler_options picks XLA options the installed jaxlib accepts, on CPU only."""
 
 import subprocess
 import sys
@@ -48,3 +49,24 @@ def test_freed_large_buffers_are_reused_instead_of_faulted_in_again(where):
     fresh, retained = _minor_faults("default", where), _minor_faults("retain", where)
     assert fresh > 100, "glibc maps a 96 MiB buffer anew on every allocation by default"
     assert retained < fresh / 10
+
+
+def test_compiler_options_are_for_cpu_only_and_leave_the_values_alone():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dmm_jax.runtime import compiler_options
+
+    assert compiler_options("gpu") == {} and compiler_options("tpu") == {}
+    options = compiler_options("cpu")
+    assert options in ({}, {"xla_cpu_use_fusion_emitters": False})  # {}: a jaxlib without it
+    if jax.__version_info__ >= (0, 10):  # the installed jaxlib knows the option
+        assert options == {"xla_cpu_use_fusion_emitters": False}
+
+    def fn(x):
+        return jnp.tanh(x) * jax.nn.softplus(x[::-1]) + jnp.exp(-(x**2))
+
+    x = jnp.linspace(-4.0, 4.0, 1001)
+    tuned = jax.jit(fn, compiler_options=options or None)(x)
+    np.testing.assert_allclose(tuned, jax.jit(fn)(x), rtol=1e-6, atol=1e-7)
