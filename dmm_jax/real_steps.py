@@ -5,16 +5,16 @@ fewer than half are real (JSB: 13,807 real steps in about 31,600 padded rows per
 per-step term (transition, emitter, the encoder's input projection, the weight gradients of
 the two recurrences) costs the same on a padded row as on a real one. ``RealSteps`` lists the
 real rows, up to a static ``capacity``: networks run on the gathered [R, ...] rows and their
-outputs are scattered back to [B, T, ...] with a fixed fill on padded steps, which the masks
+outputs are put back in [B, T, ...] with a fixed fill on padded steps, which the masks
 drop as before. Values and gradients on real steps are the same numbers as the dense
 computation (up to float summation order); only the padded rows' work is gone.
 
 Unused slots (capacity above the batch's real steps) hold the index B * T, out of range:
-they gather zeros and their scatter is dropped.
+they gather zeros and what they would write back is dropped.
 
-No scatter is left in the compiled step: XLA's CPU backend runs a scatter (and the
-scatter-add that differentiates a gather) as a loop with one iteration per row, ten such loops
-of 1,664 iterations in a JSB training step. Each step's slot (``RealSteps.*_slots``, the
+No scatter is left in the compiled step: XLA's CPU backend runs a scatter (and the scatter-add
+that differentiates a gather) as a loop with one iteration per row, ten such loops of 1,664
+iterations in a JSB training step before this. Each step's slot (``RealSteps.*_slots``, the
 inverse of the row indices) turns the scatter into a gather, and custom VJPs make every
 transpose a gather too: gathering rows by ``index`` and gathering slots by ``slots`` are each
 other's transposes, since every real step sits in exactly one slot.
