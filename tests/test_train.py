@@ -157,6 +157,19 @@ def test_microbatched_update_sums_the_numpyro_gradients_of_each_group(tiny_confi
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_update_step_passes_its_compiler_options_to_xla(tiny_config):
+    # Every other UpdateStep test runs with dmm_jax's default options; here an unknown option
+    # is refused by XLA's compiler, so the options do reach it.
+    svi = build_svi(tiny_config, TrainConfig())
+    x, lengths = random_binary_batch(0, 4, 10, tiny_config.obs_dim)
+    # Shapes are all compiling needs; eval_shape skips running the initialisation.
+    state = jax.eval_shape(lambda: init_train_state(svi, 0, tiny_config.obs_dim).svi_state)
+    unknown = UpdateStep(svi, compiler_options={"xla_cpu_no_such_option": True})
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        unknown.compile(state, [(x, lengths, {})])
+    assert unknown.compiled_shapes == []
+
+
 def test_update_step_splits_only_shapes_over_the_microbatch_budget(tiny_config):
     svi = build_svi(tiny_config, TrainConfig())
     state = init_train_state(svi, 0, tiny_config.obs_dim).svi_state
