@@ -115,7 +115,12 @@ def _read_rows(flat: Array, index: Array) -> Array:
 
 
 def _read_slots(rows: Array, slots: Array, fill: float) -> Array:
-    """rows [R, ...] with one ``fill`` row appended (slot R), read at ``slots``."""
+    """rows [R, ...] with one ``fill`` row appended (slot R), read at ``slots``.
+
+    Every slot is in range, so the gather needs no bounds check: a fill-mode gather
+    (``mode="fill"``) gave the same loss but a slower JSB update (91-96 ms against 82-93 ms,
+    min of 22, three alternating pairs).
+    """
     fill_row = jnp.full((1, *rows.shape[1:]), fill, rows.dtype)
     return jnp.concatenate([rows, fill_row]).at[slots].get(mode="promise_in_bounds")
 
