@@ -1,7 +1,8 @@
 """The PyTorch/Pyro reference DMM in ``benchmarks/pyro_reference.py``: a smoke test of its
 training code, and dmm_jax against it number for number: with the reference's weights copied
-in, the model's and the guide's log densities of the same latent trajectories agree, and
-ClippedAdam takes the same steps.
+in, the model's and the guide's log densities of the same latent trajectories agree,
+ClippedAdam takes the same steps, and given the same guide noise both take the same
+gradients and the same training steps.
 
 Skips unless the ``bench`` extra (torch, pyro-ppl) is installed.
 """
@@ -179,3 +180,119 @@ def test_clipped_adam_takes_the_reference_steps():
         updates, state = transform.update(jnp.asarray(g), state, params)
         params = params + updates
     np.testing.assert_allclose(np.asarray(params), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _reference_noise(monkeypatch, queue: list) -> None:
+    """The reference's guide draws z_t = loc + scale * queue.pop(0) instead of torch noise."""
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc + self.scale * torch.as_tensor(queue.pop(0), dtype=self.loc.dtype)
+
+    monkeypatch.setattr(pyro.distributions.Normal, "rsample", rsample)
+
+
+def _jax_noise(monkeypatch) -> list:
+    """dmm_jax's guide takes its noise [T, B, Z] from holder[0] (set inside the traced step)."""
+    import dmm_jax.distributions
+
+    holder = [None]
+    monkeypatch.setattr(dmm_jax.distributions, "step_noise", lambda key, n, shape: holder[0][:n])
+    return holder
+
+
+def _lockstep_data(ref, rng, num_steps: int = 8):
+    """Five sequences in the reference's sorted mini-batch, and the same as dmm_jax arrays
+    padded to ``num_steps`` (longer than the longest, so padding is exercised), with the
+    real-step rows dmm_jax trains on."""
+    from dmm_jax.real_steps import real_steps
+
+    lengths = np.array([6, 5, 4, 3, 2], dtype=np.int64)  # already in decreasing order
+    x = (rng.random((5, num_steps, OBS_DIM)) < 0.4).astype(np.float32)
+    x[np.arange(num_steps)[None, :] >= lengths[:, None]] = 0.0
+    batch = ref.get_mini_batch(
+        torch.arange(5), torch.as_tensor(x[:, : lengths.max()]), torch.as_tensor(lengths)
+    )
+    steps = real_steps(lengths.astype(np.int32), num_steps, 64)
+    return batch, jnp.asarray(x), jnp.asarray(lengths, jnp.int32), steps
+
+
+def test_training_steps_match_the_reference_in_lockstep(ref, monkeypatch):
+    """Same weights, batch and guide noise: the reference's ``svi.step`` (Trace_ELBO, ClippedAdam)
+    and dmm_jax's loss and gradient (real-step fast path) with ``clipped_adam`` give the same
+    gradients and the same losses and weights after several steps. A large learning rate makes
+    the later losses depend on the gradients' directions, not only on Adam's normalisation."""
+    import jax
+    import optax
+
+    from dmm_jax.train import build_svi
+
+    lr, annealing, updates = 0.05, 0.3, 5
+    trainer = ref.ReferenceTrainer(
+        [np.zeros((2, OBS_DIM), np.uint8)], seed=3, batch_size=5, optim_args={"lr": lr}, **SIZES
+    )
+    net = trainer.dmm
+    params = _jax_params(net)
+    rng = np.random.default_rng(4)
+    batch, x, lengths, steps = _lockstep_data(ref, rng)
+    noises = [rng.normal(size=(8, 5, SIZES["z_dim"])).astype(np.float32) for _ in range(updates)]
+
+    queue: list = []
+    _reference_noise(monkeypatch, queue)
+    holder = _jax_noise(monkeypatch)
+    config = TrainConfig(learning_rate=lr)
+    svi = build_svi(DMMConfig(obs_dim=OBS_DIM, **SIZES), config)
+    transform = clipped_adam(config)
+
+    def loss_fn(p, noise):
+        holder[0] = noise
+        key = jax.random.PRNGKey(0)  # unused: the noise is given
+        return svi.loss.loss(key, p, svi.model, svi.guide, x, lengths, annealing, steps=steps)
+
+    @jax.jit
+    def step(p, opt_state, noise):
+        loss, grads = jax.value_and_grad(loss_fn)(p, noise)
+        delta, opt_state = transform.update(grads, opt_state, p)
+        return optax.apply_updates(p, delta), opt_state, loss, grads
+
+    # The first gradient, parameter by parameter.
+    queue[:] = list(noises[0][: int(lengths.max())])
+    expected = pyro.infer.Trace_ELBO().differentiable_loss(
+        net.model, net.guide, *batch, annealing_factor=annealing
+    )
+    net.zero_grad()
+    expected.backward()
+    grad_params = _jax_params(_GradView(net))
+    _, _, loss, grads = step(params, transform.init(params), jnp.asarray(noises[0]))
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grad_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+    net.zero_grad()
+
+    # Several optimizer steps in lockstep.
+    opt_state, ref_losses, jax_losses = transform.init(params), [], []
+    for noise in noises:
+        queue[:] = list(noise[: int(lengths.max())])
+        with trainer._activate():
+            ref_losses.append(trainer.svi.step(*batch, annealing))
+        params, opt_state, loss, _ = step(params, opt_state, jnp.asarray(noise))
+        jax_losses.append(float(loss))
+    assert not queue
+    np.testing.assert_allclose(jax_losses, ref_losses, rtol=1e-4)
+    assert abs(ref_losses[-1] - ref_losses[0]) > 1e-2 * abs(ref_losses[0])  # it did train
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(_jax_params(net))):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+class _GradView:
+    """The reference network with every parameter replaced by its gradient (for _jax_params)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        value = getattr(self._module, name)
+        if isinstance(value, torch.nn.Parameter):
+            return value.grad
+        if isinstance(value, torch.nn.Module):
+            return _GradView(value)
+        return value
