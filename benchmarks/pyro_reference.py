@@ -126,6 +126,74 @@ class Combiner(nn.Module):
         return loc, scale
 
 
+# ------------------------------------------------------------- lockstep comparison
+
+
+def dmm_jax_weights(net: DMM) -> dict[str, Any]:
+    """``net``'s weights as numpy arrays in dmm_jax's parameter tree (``svi.get_params``).
+
+    torch's ``nn.Linear`` computes x W^T + b, dmm_jax's x W + b: kernels are transposed.
+    Works on any object with ``net``'s attribute layout (e.g. one whose tensors are grads).
+    """
+
+    def array(tensor) -> np.ndarray:
+        return tensor.detach().cpu().numpy()
+
+    def linear(layer) -> dict[str, np.ndarray]:
+        return {"kernel": array(layer.weight).T, "bias": array(layer.bias)}
+
+    trans, emitter, combiner, rnn = net.trans, net.emitter, net.combiner, net.rnn
+    return {
+        "transition$params": {
+            "gate_z_to_hidden": linear(trans.lin_gate_z_to_hidden),
+            "gate_hidden_to_z": linear(trans.lin_gate_hidden_to_z),
+            "proposed_z_to_hidden": linear(trans.lin_proposed_mean_z_to_hidden),
+            "proposed_hidden_to_z": linear(trans.lin_proposed_mean_hidden_to_z),
+            "proposed_to_scale": linear(trans.lin_sig),
+            "z_to_loc": linear(trans.lin_z_to_loc),
+        },
+        "emitter$params": {
+            "z_to_hidden": linear(emitter.lin_z_to_hidden),
+            "hidden_to_hidden": linear(emitter.lin_hidden_to_hidden),
+            "hidden_to_logits": linear(emitter.lin_hidden_to_input),
+        },
+        "combiner$params": {
+            "w_z": array(combiner.lin_z_to_hidden.weight).T,
+            "b_z": array(combiner.lin_z_to_hidden.bias),
+            "w_loc": array(combiner.lin_hidden_to_loc.weight).T,
+            "b_loc": array(combiner.lin_hidden_to_loc.bias),
+            "w_scale": array(combiner.lin_hidden_to_scale.weight).T,
+            "b_scale": array(combiner.lin_hidden_to_scale.bias),
+        },
+        "encoder$params": {
+            "w_ih": array(rnn.weight_ih_l0).T,
+            "b_ih": array(rnn.bias_ih_l0),
+            "w_hh": array(rnn.weight_hh_l0).T,
+            "b_hh": array(rnn.bias_hh_l0),
+            "h_0": array(net.h_0).reshape(-1),
+        },
+        "z_0": array(net.z_0),
+        "z_q_0": array(net.z_q_0),
+    }
+
+
+@contextlib.contextmanager
+def given_guide_noise(queue: list) -> Iterator[None]:
+    """Inside, every ``Normal.rsample`` (the guide's draws z_t, in order t = 1, 2, ...) uses
+    loc + scale * queue.pop(0) instead of torch's noise, so another implementation fed the
+    same noise can be compared draw for draw."""
+    original = dist.Normal.rsample
+
+    def rsample(self, sample_shape=()):  # the guide draws one z_t per call
+        return self.loc + self.scale * torch.as_tensor(queue.pop(0), dtype=self.loc.dtype)
+
+    dist.Normal.rsample = rsample
+    try:
+        yield
+    finally:
+        dist.Normal.rsample = original
+
+
 # ------------------------------------------------------------------ mini-batch helpers
 # Same semantics as pyro.contrib.examples.polyphonic_data_loader (not imported: importing
 # it creates a data directory as a side effect).

@@ -60,50 +60,11 @@ def test_one_epoch_finite_and_seeded(ref):
     assert eval_a == eval_b
 
 
-def _array(tensor) -> jnp.ndarray:
-    return jnp.asarray(tensor.detach().numpy())
-
-
-def _linear(layer) -> dict[str, jnp.ndarray]:
-    """torch nn.Linear (y = x W^T + b) as dmm_jax's Linear (y = x W + b)."""
-    return {"kernel": _array(layer.weight).T, "bias": _array(layer.bias)}
-
-
-def _jax_params(net) -> dict:
+def _jax_params(ref, net) -> dict:
     """dmm_jax's parameter tree holding the reference network's weights."""
-    trans, emitter, combiner, rnn = net.trans, net.emitter, net.combiner, net.rnn
-    return {
-        "transition$params": {
-            "gate_z_to_hidden": _linear(trans.lin_gate_z_to_hidden),
-            "gate_hidden_to_z": _linear(trans.lin_gate_hidden_to_z),
-            "proposed_z_to_hidden": _linear(trans.lin_proposed_mean_z_to_hidden),
-            "proposed_hidden_to_z": _linear(trans.lin_proposed_mean_hidden_to_z),
-            "proposed_to_scale": _linear(trans.lin_sig),
-            "z_to_loc": _linear(trans.lin_z_to_loc),
-        },
-        "emitter$params": {
-            "z_to_hidden": _linear(emitter.lin_z_to_hidden),
-            "hidden_to_hidden": _linear(emitter.lin_hidden_to_hidden),
-            "hidden_to_logits": _linear(emitter.lin_hidden_to_input),
-        },
-        "combiner$params": {
-            "w_z": _array(combiner.lin_z_to_hidden.weight).T,
-            "b_z": _array(combiner.lin_z_to_hidden.bias),
-            "w_loc": _array(combiner.lin_hidden_to_loc.weight).T,
-            "b_loc": _array(combiner.lin_hidden_to_loc.bias),
-            "w_scale": _array(combiner.lin_hidden_to_scale.weight).T,
-            "b_scale": _array(combiner.lin_hidden_to_scale.bias),
-        },
-        "encoder$params": {
-            "w_ih": _array(rnn.weight_ih_l0).T,
-            "b_ih": _array(rnn.bias_ih_l0),
-            "w_hh": _array(rnn.weight_hh_l0).T,
-            "b_hh": _array(rnn.bias_hh_l0),
-            "h_0": _array(net.h_0).reshape(-1),
-        },
-        "z_0": _array(net.z_0),
-        "z_q_0": _array(net.z_q_0),
-    }
+    import jax
+
+    return jax.tree.map(jnp.asarray, ref.dmm_jax_weights(net))
 
 
 def _log_densities_jax(params, x, lengths, z, annealing):
@@ -143,10 +104,10 @@ def test_model_and_guide_densities_match_the_reference(ref, annealing):
     z = jnp.asarray(rng.normal(size=(3, 7, SIZES["z_dim"])).astype(np.float32))
 
     expected = _log_densities_torch(ref, net, x, lengths, z, annealing)
-    got = _log_densities_jax(_jax_params(net), x, lengths, z, annealing)
+    got = _log_densities_jax(_jax_params(ref, net), x, lengths, z, annealing)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # the comparison can fail: a wrong mask or time alignment moves it
-    shifted = _log_densities_jax(_jax_params(net), x, lengths + 1, z, annealing)
+    shifted = _log_densities_jax(_jax_params(ref, net), x, lengths + 1, z, annealing)
     assert abs(shifted[0] - expected[0]) > 1e-2 * abs(expected[0])
 
 
@@ -180,15 +141,6 @@ def test_clipped_adam_takes_the_reference_steps():
         updates, state = transform.update(jnp.asarray(g), state, params)
         params = params + updates
     np.testing.assert_allclose(np.asarray(params), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-def _reference_noise(monkeypatch, queue: list) -> None:
-    """The reference's guide draws z_t = loc + scale * queue.pop(0) instead of torch noise."""
-
-    def rsample(self, sample_shape=torch.Size()):
-        return self.loc + self.scale * torch.as_tensor(queue.pop(0), dtype=self.loc.dtype)
-
-    monkeypatch.setattr(pyro.distributions.Normal, "rsample", rsample)
 
 
 def _jax_noise(monkeypatch) -> list:
@@ -231,13 +183,12 @@ def test_training_steps_match_the_reference_in_lockstep(ref, monkeypatch):
         [np.zeros((2, OBS_DIM), np.uint8)], seed=3, batch_size=5, optim_args={"lr": lr}, **SIZES
     )
     net = trainer.dmm
-    params = _jax_params(net)
+    params = _jax_params(ref, net)
     rng = np.random.default_rng(4)
     batch, x, lengths, steps = _lockstep_data(ref, rng)
     noises = [rng.normal(size=(8, 5, SIZES["z_dim"])).astype(np.float32) for _ in range(updates)]
 
     queue: list = []
-    _reference_noise(monkeypatch, queue)
     holder = _jax_noise(monkeypatch)
     config = TrainConfig(learning_rate=lr)
     svi = build_svi(DMMConfig(obs_dim=OBS_DIM, **SIZES), config)
@@ -256,12 +207,13 @@ def test_training_steps_match_the_reference_in_lockstep(ref, monkeypatch):
 
     # The first gradient, parameter by parameter.
     queue[:] = list(noises[0][: int(lengths.max())])
-    expected = pyro.infer.Trace_ELBO().differentiable_loss(
-        net.model, net.guide, *batch, annealing_factor=annealing
-    )
+    with trainer._activate(), ref.given_guide_noise(queue):
+        expected = pyro.infer.Trace_ELBO().differentiable_loss(
+            net.model, net.guide, *batch, annealing_factor=annealing
+        )
     net.zero_grad()
     expected.backward()
-    grad_params = _jax_params(_GradView(net))
+    grad_params = _jax_params(ref, _GradView(net))
     _, _, loss, grads = step(params, transform.init(params), jnp.asarray(noises[0]))
     assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grad_params)):
@@ -272,14 +224,14 @@ def test_training_steps_match_the_reference_in_lockstep(ref, monkeypatch):
     opt_state, ref_losses, jax_losses = transform.init(params), [], []
     for noise in noises:
         queue[:] = list(noise[: int(lengths.max())])
-        with trainer._activate():
+        with trainer._activate(), ref.given_guide_noise(queue):
             ref_losses.append(trainer.svi.step(*batch, annealing))
         params, opt_state, loss, _ = step(params, opt_state, jnp.asarray(noise))
         jax_losses.append(float(loss))
     assert not queue
     np.testing.assert_allclose(jax_losses, ref_losses, rtol=1e-4)
     assert abs(ref_losses[-1] - ref_losses[0]) > 1e-2 * abs(ref_losses[0])  # it did train
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(_jax_params(net))):
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(_jax_params(ref, net))):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
