@@ -17,8 +17,8 @@ import pytest
 os.environ.setdefault("DMM_JAX_COMPILE_CACHE", "none")
 
 # Most of the suite's time is compiling small programs that then run a few steps. LLVM at -O0
-# compiles them in about half the time (the whole suite: 417 s instead of 656 s on a 2-core
-# VM); the programs XLA builds are the same, only their machine code is less optimised.
+# compiles them in about a third less time (the whole suite: 417 s instead of 656 s on a
+# 2-core VM); the programs XLA builds are the same, only their machine code is less optimised.
 # Read when the CPU backend starts (after this), and inherited by the suite's subprocesses.
 # An optimisation level already in XLA_FLAGS wins.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
