@@ -2,7 +2,7 @@
 (the reference's, copied in), same mini-batches, same guide noise. Where the two agree update
 after update, any difference between separate runs of the two is the random streams'.
 
-    python benchmarks/lockstep.py --epochs 3 --seed 0 [--out FILE.json]
+    python benchmarks/lockstep.py --epochs 3 --seed 0 [--sequences N] [--out FILE.json]
 
 Prints each update's loss per time step in both; stops where the reference fails (it raises
 on a NaN parameter). dmm_jax runs its NumPyro loss with the dense path (no real-step rows;
@@ -35,27 +35,10 @@ from dmm_jax.data.batching import length_bucket
 from dmm_jax.train import annealing_factor, build_svi, clipped_adam
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0, help="initial weights, batches, noise")
-    parser.add_argument("--data", default=None, help="JSB file or directory")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out", default=None, help="write the per-update losses as JSON")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    splits, source = ref.load_jsb(args.data)
-    trainer = ref.ReferenceTrainer(splits["train"], seed=args.seed)
-    batch_size = trainer.batch_size
-    params = jax.tree.map(jnp.asarray, ref.dmm_jax_weights(trainer.dmm))
+def _run(args, trainer, params, svi, transform, noise_holder) -> tuple[list, str | None]:
+    """The lockstep updates: per-update records, and the reference's error if it failed."""
     train_config = TrainConfig(seed=args.seed)
-    svi = build_svi(DMMConfig(), train_config)
-    transform = clipped_adam(train_config)
-
-    noise_holder = [None]  # dmm_jax's guide noise [T, B, Z], set inside the traced step
-    dmm_jax.distributions.step_noise = lambda key, n, shape: noise_holder[0][:n]
+    batch_size = trainer.batch_size
 
     @jax.jit
     def step(p, opt_state, x, lengths, annealing, noise):
@@ -113,6 +96,38 @@ def main(argv=None) -> dict:
         if reference_error:
             break
 
+    return updates, reference_error
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights, batches, noise")
+    parser.add_argument("--data", default=None, help="JSB file or directory")
+    parser.add_argument(
+        "--sequences", type=int, default=None, help="train on the first N sequences only"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default=None, help="write the per-update losses as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    splits, source = ref.load_jsb(args.data)
+    trainer = ref.ReferenceTrainer(splits["train"][: args.sequences], seed=args.seed)
+    params = jax.tree.map(jnp.asarray, ref.dmm_jax_weights(trainer.dmm))
+    train_config = TrainConfig(seed=args.seed)
+    svi = build_svi(DMMConfig(), train_config)
+    transform = clipped_adam(train_config)
+
+    noise_holder = [None]  # dmm_jax's guide noise [T, B, Z], set inside the traced step
+    own_noise = dmm_jax.distributions.step_noise
+    dmm_jax.distributions.step_noise = lambda key, n, shape: noise_holder[0][:n]
+    try:
+        updates, reference_error = _run(args, trainer, params, svi, transform, noise_holder)
+    finally:
+        dmm_jax.distributions.step_noise = own_noise
+
     agree = 0
     for record in updates:
         if not abs(record["reference"] - record["dmm_jax"]) <= 1e-3 * abs(record["reference"]):
@@ -123,6 +138,7 @@ def main(argv=None) -> dict:
         "agree_to_0.1%": agree,
         "reference_error": reference_error,
         "seed": args.seed,
+        "sequences": trainer.n_data,
         "data": source,
     }
     print(json.dumps(summary))

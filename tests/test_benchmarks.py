@@ -107,3 +107,21 @@ def test_long_sequence_memory_worker_runs_one_microbatched_update():
     assert result["microbatches"] == 2
     assert result["xla_temp_mib"] > 0 and result["peak_rss_mib"] > 0
     assert result["loss_per_step"] > 0 and math.isfinite(result["loss_per_step"])
+
+
+def test_lockstep_trains_both_implementations_alike_on_a_few_jsb_sequences(jsb_path, tmp_path):
+    pytest.importorskip("torch", reason="needs the bench extra (torch)")
+    pytest.importorskip("pyro", reason="needs the bench extra (pyro-ppl)")
+    import dmm_jax.distributions
+
+    own_noise = dmm_jax.distributions.step_noise
+    lockstep = _load("lockstep")
+    out = tmp_path / "lockstep.json"
+    summary = lockstep.main(
+        ["--epochs", "2", "--sequences", "6", "--data", str(jsb_path), "--out", str(out)]
+    )
+    assert summary["updates"] == 2 and summary["sequences"] == 6
+    assert summary["agree_to_0.1%"] == 2 and summary["reference_error"] is None
+    records = json.loads(out.read_text())["per_update"]
+    assert records[1]["dmm_jax"] < records[0]["dmm_jax"]  # it trained
+    assert dmm_jax.distributions.step_noise is own_noise  # the noise hook is undone
