@@ -13,10 +13,12 @@ on a NaN parameter). dmm_jax runs its NumPyro loss with the dense path (no real-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
 import sys
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,22 +37,42 @@ from dmm_jax.data.batching import length_bucket
 from dmm_jax.train import annealing_factor, build_svi, clipped_adam
 
 
-def _run(args, trainer, params, svi, transform, noise_holder) -> tuple[list, str | None]:
-    """The lockstep updates: per-update records, and the reference's error if it failed."""
-    train_config = TrainConfig(seed=args.seed)
-    batch_size = trainer.batch_size
+@contextlib.contextmanager
+def given_dmm_jax_noise() -> Iterator[list]:
+    """Inside, dmm_jax's guides draw their noise [T, B, Z] from ``holder[0]`` (the yielded
+    list; set it inside the traced function) instead of from their key: the counterpart of
+    ``pyro_reference.given_guide_noise``."""
+    holder = [None]
+    own_noise = dmm_jax.distributions.step_noise
+    dmm_jax.distributions.step_noise = lambda key, n, shape: holder[0][:n]
+    try:
+        yield holder
+    finally:
+        dmm_jax.distributions.step_noise = own_noise
+
+
+def training_step(svi, transform, noise_holder: list):
+    """jitted (params, opt_state, x, lengths, annealing, noise, **covariates) ->
+    (params, opt_state, loss, grads): one step of dmm_jax's NumPyro loss (``svi.loss``) and
+    ``transform`` with the guide noise given (under ``given_dmm_jax_noise``)."""
 
     @jax.jit
-    def step(p, opt_state, x, lengths, annealing, noise):
+    def step(p, opt_state, x, lengths, annealing, noise, **covariates):
         def loss_fn(p):
             noise_holder[0] = noise
             key = jax.random.PRNGKey(0)  # unused: the noise is given
-            return svi.loss.loss(key, p, svi.model, svi.guide, x, lengths, annealing)
+            return svi.loss.loss(key, p, svi.model, svi.guide, x, lengths, annealing, **covariates)
 
         loss, grads = jax.value_and_grad(loss_fn)(p)
         delta, opt_state = transform.update(grads, opt_state, p)
-        return optax.apply_updates(p, delta), opt_state, loss
+        return optax.apply_updates(p, delta), opt_state, loss, grads
 
+    return step
+
+
+def _run(args, trainer, params, train_config, transform, step) -> tuple[list, str | None]:
+    """The lockstep updates: per-update records, and the reference's error if it failed."""
+    batch_size, z_dim = trainer.batch_size, trainer.dmm.z_0.shape[0]
     opt_state = transform.init(params)
     rng = np.random.default_rng(args.seed)
     updates, reference_error = [], None
@@ -63,7 +85,7 @@ def _run(args, trainer, params, svi, transform, noise_holder) -> tuple[list, str
             mini_batch, seq_lengths = batch[0], batch[3]
             rows, longest = mini_batch.shape[:2]
             padded = length_bucket(longest)
-            noise = rng.standard_normal((padded, batch_size, 100)).astype(np.float32)
+            noise = rng.standard_normal((padded, batch_size, z_dim)).astype(np.float32)
             queue = [noise[t, :rows] for t in range(longest)]
             try:
                 with trainer._activate(), ref.given_guide_noise(queue):
@@ -75,7 +97,7 @@ def _run(args, trainer, params, svi, transform, noise_holder) -> tuple[list, str
             x[:rows, :longest] = mini_batch.numpy()
             lengths = np.zeros(batch_size, np.int32)
             lengths[:rows] = seq_lengths.numpy()
-            params, opt_state, jax_loss = step(
+            params, opt_state, jax_loss, _ = step(
                 params, opt_state, x, lengths, np.float32(factor), noise
             )
             steps = float(seq_lengths.sum())
@@ -117,16 +139,10 @@ def main(argv=None) -> dict:
     trainer = ref.ReferenceTrainer(splits["train"][: args.sequences], seed=args.seed)
     params = jax.tree.map(jnp.asarray, ref.dmm_jax_weights(trainer.dmm))
     train_config = TrainConfig(seed=args.seed)
-    svi = build_svi(DMMConfig(), train_config)
-    transform = clipped_adam(train_config)
-
-    noise_holder = [None]  # dmm_jax's guide noise [T, B, Z], set inside the traced step
-    own_noise = dmm_jax.distributions.step_noise
-    dmm_jax.distributions.step_noise = lambda key, n, shape: noise_holder[0][:n]
-    try:
-        updates, reference_error = _run(args, trainer, params, svi, transform, noise_holder)
-    finally:
-        dmm_jax.distributions.step_noise = own_noise
+    svi, transform = build_svi(DMMConfig(), train_config), clipped_adam(train_config)
+    with given_dmm_jax_noise() as noise_holder:
+        step = training_step(svi, transform, noise_holder)
+        updates, reference_error = _run(args, trainer, params, train_config, transform, step)
 
     agree = 0
     for record in updates:

@@ -143,15 +143,6 @@ def test_clipped_adam_takes_the_reference_steps():
     np.testing.assert_allclose(np.asarray(params), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def _jax_noise(monkeypatch) -> list:
-    """dmm_jax's guide takes its noise [T, B, Z] from holder[0] (set inside the traced step)."""
-    import dmm_jax.distributions
-
-    holder = [None]
-    monkeypatch.setattr(dmm_jax.distributions, "step_noise", lambda key, n, shape: holder[0][:n])
-    return holder
-
-
 def _lockstep_data(ref, rng, num_steps: int = 8):
     """Five sequences in the reference's sorted mini-batch, and the same as dmm_jax arrays
     padded to ``num_steps`` (longer than the longest, so padding is exercised), with the
@@ -168,16 +159,16 @@ def _lockstep_data(ref, rng, num_steps: int = 8):
     return batch, jnp.asarray(x), jnp.asarray(lengths, jnp.int32), steps
 
 
-def test_training_steps_match_the_reference_in_lockstep(ref, monkeypatch):
+def test_training_steps_match_the_reference_in_lockstep(ref):
     """Same weights, batch and guide noise: the reference's ``svi.step`` (Trace_ELBO, ClippedAdam)
     and dmm_jax's loss and gradient (real-step fast path) with ``clipped_adam`` give the same
     gradients and the same losses and weights after several steps. A large learning rate makes
     the later losses depend on the gradients' directions, not only on Adam's normalisation."""
     import jax
-    import optax
 
     from dmm_jax.train import build_svi
 
+    lockstep = _load_lockstep()
     lr, annealing, updates = 0.05, 0.3, 5
     trainer = ref.ReferenceTrainer(
         [np.zeros((2, OBS_DIM), np.uint8)], seed=3, batch_size=5, optim_args={"lr": lr}, **SIZES
@@ -189,50 +180,52 @@ def test_training_steps_match_the_reference_in_lockstep(ref, monkeypatch):
     noises = [rng.normal(size=(8, 5, SIZES["z_dim"])).astype(np.float32) for _ in range(updates)]
 
     queue: list = []
-    holder = _jax_noise(monkeypatch)
     config = TrainConfig(learning_rate=lr)
     svi = build_svi(DMMConfig(obs_dim=OBS_DIM, **SIZES), config)
     transform = clipped_adam(config)
+    with lockstep.given_dmm_jax_noise() as holder:
+        step = lockstep.training_step(svi, transform, holder)
 
-    def loss_fn(p, noise):
-        holder[0] = noise
-        key = jax.random.PRNGKey(0)  # unused: the noise is given
-        return svi.loss.loss(key, p, svi.model, svi.guide, x, lengths, annealing, steps=steps)
+        def jax_step(p, opt_state, noise):
+            return step(p, opt_state, x, lengths, annealing, jnp.asarray(noise), steps=steps)
 
-    @jax.jit
-    def step(p, opt_state, noise):
-        loss, grads = jax.value_and_grad(loss_fn)(p, noise)
-        delta, opt_state = transform.update(grads, opt_state, p)
-        return optax.apply_updates(p, delta), opt_state, loss, grads
-
-    # The first gradient, parameter by parameter.
-    queue[:] = list(noises[0][: int(lengths.max())])
-    with trainer._activate(), ref.given_guide_noise(queue):
-        expected = pyro.infer.Trace_ELBO().differentiable_loss(
-            net.model, net.guide, *batch, annealing_factor=annealing
-        )
-    net.zero_grad()
-    expected.backward()
-    grad_params = _jax_params(ref, _GradView(net))
-    _, _, loss, grads = step(params, transform.init(params), jnp.asarray(noises[0]))
-    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-5)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grad_params)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
-    net.zero_grad()
-
-    # Several optimizer steps in lockstep.
-    opt_state, ref_losses, jax_losses = transform.init(params), [], []
-    for noise in noises:
-        queue[:] = list(noise[: int(lengths.max())])
+        # The first gradient, parameter by parameter.
+        queue[:] = list(noises[0][: int(lengths.max())])
         with trainer._activate(), ref.given_guide_noise(queue):
-            ref_losses.append(trainer.svi.step(*batch, annealing))
-        params, opt_state, loss, _ = step(params, opt_state, jnp.asarray(noise))
-        jax_losses.append(float(loss))
+            expected = pyro.infer.Trace_ELBO().differentiable_loss(
+                net.model, net.guide, *batch, annealing_factor=annealing
+            )
+        net.zero_grad()
+        expected.backward()
+        grad_params = _jax_params(ref, _GradView(net))
+        _, _, loss, grads = jax_step(params, transform.init(params), noises[0])
+        assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-5)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grad_params)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+        net.zero_grad()
+
+        # Several optimizer steps in lockstep.
+        opt_state, ref_losses, jax_losses = transform.init(params), [], []
+        for noise in noises:
+            queue[:] = list(noise[: int(lengths.max())])
+            with trainer._activate(), ref.given_guide_noise(queue):
+                ref_losses.append(trainer.svi.step(*batch, annealing))
+            params, opt_state, loss, _ = jax_step(params, opt_state, noise)
+            jax_losses.append(float(loss))
     assert not queue
     np.testing.assert_allclose(jax_losses, ref_losses, rtol=1e-4)
     assert abs(ref_losses[-1] - ref_losses[0]) > 1e-2 * abs(ref_losses[0])  # it did train
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(_jax_params(ref, net))):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def _load_lockstep():
+    """benchmarks/lockstep.py (the noise hook and jitted step it shares with this test)."""
+    path = _PATH.parent / "lockstep.py"
+    spec = importlib.util.spec_from_file_location("lockstep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _GradView:
