@@ -16,7 +16,10 @@ importance-sampled JSB evaluation), so ``dmm-jax`` applies it to ``train`` only.
 
 ``compiler_options`` holds the XLA options dmm_jax compiles its training step with: on CPU,
 XLA's older loop emitters for elementwise fusions instead of the MLIR fusion emitters (jaxlib
-0.10's default), which compile a JSB training step in about 60% of the time and run it as fast.
+0.10's default), which compile a JSB training step in 50-60% of the time. They run the
+X
+comparison that could tell (README, Performance); while compile time is a target, that is
+the trade taken.
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ def retain_freed_memory() -> bool:
     )
 
 
-# Measured on the 2-core Intel Xeon VM of the eighth session, one JSB update (20 x 96 steps,
-# real-step rows), three alternating runs each: 6.6-7.8 s to compile instead of 11.2-15.3 s,
-# 103-138 ms per update against 112-148 ms (the same within that machine's noise).
+# Measured on 2-core Intel Xeon VMs. Eighth session, one JSB update (20 x 96 steps, real-step
+# rows), three alternating runs each: 6.6-7.8 s to compile instead of 11.2-15.3 s, 103-138 ms
+# per update against 112-148 ms. Ninth session, three bucketed updates alternating in one
+# process: 17.3 s to compile instead of 33.5 s, 344 ms against 329 ms (min of 40).
 _CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
