@@ -7,6 +7,7 @@ when it is not there.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -87,3 +88,12 @@ def init_params(config, seed: int = 0):
         tr = handlers.trace(handlers.seed(fn, seed + i)).get_trace(x, lengths, config=config)
         params.update({n: site["value"] for n, site in tr.items() if site["type"] == "param"})
     return params
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,15 @@
 """Smoke test of the epoch-time benchmark's own arithmetic (the benchmark itself is not run in CI)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "epoch_time.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def epoch_time():
-    spec = importlib.util.spec_from_file_location("epoch_time", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("epoch_time")
 
 
 def test_flop_count_of_the_reference_architecture(epoch_time):
@@ -49,16 +43,8 @@ def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
     assert "| dmm_jax | cpu (cpu) | 2.000 | 9.0 | 3 |" in table and "3.00x" in table
 
 
-def _load(name):
-    path = _PATH.parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsys):
-    long_runs = _load("long_runs")
+    long_runs = load_benchmark("long_runs")
     train, evaluate = long_runs.commands("aug", tmp_path, 300, 1, 50)
     assert train[-2:] == ["--log-json", f"{tmp_path / 'aug'}.jsonl"]
     assert "--augmented" in train and "--resume" not in train
@@ -82,7 +68,7 @@ def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsy
 
 
 def test_long_runs_that_keep_the_best_state_also_evaluate_it(tmp_path, capsys):
-    long_runs = _load("long_runs")
+    long_runs = load_benchmark("long_runs")
     name = "aug-analytic-kl-lr1e-3-cosine"
     train, last, best = long_runs.commands(name, tmp_path, 2500, 0, 2000)
     assert "--early-stopping-patience" in train and "--best" not in last
@@ -98,12 +84,7 @@ def test_long_runs_that_keep_the_best_state_also_evaluate_it(tmp_path, capsys):
 
 def test_long_sequence_memory_worker_runs_one_microbatched_update():
     # The worker's code path on a tiny batch: 2 sequences of 8 steps in 2 micro-batches.
-    spec = importlib.util.spec_from_file_location(
-        "long_sequence_memory", _PATH.parent / "long_sequence_memory.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.worker(batch=2, steps=8, microbatch_steps=8)
+    result = load_benchmark("long_sequence_memory").worker(batch=2, steps=8, microbatch_steps=8)
     assert result["microbatches"] == 2
     assert result["xla_temp_mib"] > 0 and result["peak_rss_mib"] > 0
     assert result["loss_per_step"] > 0 and math.isfinite(result["loss_per_step"])
@@ -115,7 +96,7 @@ def test_lockstep_trains_both_implementations_alike_on_a_few_jsb_sequences(jsb_p
     import dmm_jax.distributions
 
     own_noise = dmm_jax.distributions.step_noise
-    lockstep = _load("lockstep")
+    lockstep = load_benchmark("lockstep")
     out = tmp_path / "lockstep.json"
     summary = lockstep.main(
         ["--epochs", "2", "--sequences", "6", "--data", str(jsb_path), "--out", str(out)]

@@ -22,6 +22,8 @@ from numpyro.infer.util import log_density
 torch = pytest.importorskip("torch", reason="needs the bench extra (torch)")
 pyro = pytest.importorskip("pyro", reason="needs the bench extra (pyro-ppl)")
 
+from conftest import load_benchmark
+
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.model import guide, model
 from dmm_jax.train import clipped_adam
@@ -168,7 +170,7 @@ def test_training_steps_match_the_reference_in_lockstep(ref):
 
     from dmm_jax.train import build_svi
 
-    lockstep = _load_lockstep()
+    lockstep = load_benchmark("lockstep")  # its noise hook and jitted step
     lr, annealing, updates = 0.05, 0.3, 5
     trainer = ref.ReferenceTrainer(
         [np.zeros((2, OBS_DIM), np.uint8)], seed=3, batch_size=5, optim_args={"lr": lr}, **SIZES
@@ -217,15 +219,6 @@ def test_training_steps_match_the_reference_in_lockstep(ref):
     assert abs(ref_losses[-1] - ref_losses[0]) > 1e-2 * abs(ref_losses[0])  # it did train
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(_jax_params(ref, net))):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
-
-
-def _load_lockstep():
-    """benchmarks/lockstep.py (the noise hook and jitted step it shares with this test)."""
-    path = _PATH.parent / "lockstep.py"
-    spec = importlib.util.spec_from_file_location("lockstep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _GradView:
