@@ -14,12 +14,22 @@ handed back to the system until the process exits. That is not free everywhere: 
 peak of ``dmm-jax evaluate`` (1.4 GB resident without it, 1.8-2.4 GB with it, for the same
 importance-sampled JSB evaluation), so ``dmm-jax`` applies it to ``train`` only.
 
+The one arena costs compile time: compiling the three shapes of a bucketed JSB run took
+14.4-14.5 s with these settings and 11.5-11.9 s without (tenth session, fresh processes);
+the arena limit alone makes that difference, presumably because XLA's compile threads then
+contend for one heap's lock. Applying them only after compiling
+does not work: the threads that run the step have arenas of their own by then, and an update
+of a 144-step batch page-faulted 20,400 times instead of 2,000.
+
 ``compiler_options`` holds the XLA options dmm_jax compiles its training step with: on CPU,
 XLA's older loop emitters for elementwise fusions instead of the MLIR fusion emitters (jaxlib
-0.10's default), which compile a JSB training step in 50-60% of the time. They run the
-fusions inside the recurrences' loops slower, which made the whole step 4% and 14% slower in
-two alternating runs within one process (README, Performance); while compile time is a
-target, that is the trade taken.
+0.10's default), which compile a JSB training step in 50-60% of the time. A loop-emitter
+kernel whose output buffer is one of its inputs (XLA reuses a dying operand's buffer) runs
+unvectorized: LLVM guards the vector loop with a runtime overlap check that in-place
+operands fail. ``dmm_jax.scans`` keeps the one such kernel found to matter (the tanh in the
+guide's sampling loop) off its input's buffer; since then, three bucketed updates took the
+same time with either emitter (min of 40, alternating in one process: 583 and 578 ms on a
+slow VM).
 """
 
 from __future__ import annotations
