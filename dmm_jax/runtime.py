@@ -17,9 +17,9 @@ importance-sampled JSB evaluation), so ``dmm-jax`` applies it to ``train`` only.
 The one arena costs compile time: compiling the three shapes of a bucketed JSB run took
 14.4-14.5 s with these settings and 11.5-11.9 s without (tenth session, fresh processes);
 the arena limit alone makes that difference, presumably because XLA's compile threads then
-contend for one heap's lock. Applying them only after compiling
-does not work: the threads that run the step have arenas of their own by then, and an update
-of a 144-step batch page-faulted 20,400 times instead of 2,000.
+contend for one heap's lock. Applying them only after compiling does not work: the threads
+that run the step have arenas of their own by then, and an update of a 144-step batch
+page-faulted 20,400 times instead of 2,000.
 
 ``compiler_options`` holds the XLA options dmm_jax compiles its training step with: on CPU,
 XLA's older loop emitters for elementwise fusions instead of the MLIR fusion emitters (jaxlib
