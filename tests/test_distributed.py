@@ -7,7 +7,6 @@ started at once, so this process and the rest of the suite keep their single dev
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from dmm_jax import distributed
 from dmm_jax.cli import main
@@ -164,9 +164,7 @@ def test_bad_device_and_process_settings_are_named(monkeypatch, capsys):
 
 
 def test_scaling_benchmark_summary_reports_the_largest_loss_gap():
-    spec = importlib.util.spec_from_file_location("scaling", _ROOT / "benchmarks" / "scaling.py")
-    scaling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scaling)
+    scaling = load_benchmark("scaling")
     rows = [
         {"seconds_per_epoch": 2.0, "loss_per_epoch": [10.0, 8.0]},
         {"seconds_per_epoch": 3.0, "loss_per_epoch": [10.0, 8.004]},
