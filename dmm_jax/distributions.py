@@ -141,8 +141,20 @@ class MarkovGaussianChain(Distribution):
         return _time_major(z)
 
     def log_prob(self, value: Array) -> Array:
-        loc, scale = self.step_params(value)
-        return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
+        if self.steps is None:
+            loc, scale = self.step_params(value)
+            return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
+
+        # Scored on the real steps' rows: the Gaussian's arithmetic (and its gradient) then runs
+        # on contiguous [R, Z] rows, not on [B, T, Z] read back through the rows' slots, which
+        # XLA's CPU backend fuses into one gather kernel run as scalar code.
+        def step_log_prob(z_t, z_prev, covariates):
+            loc, scale = self._step_params(z_prev, covariates)
+            return normal_log_prob(z_t, loc, scale)
+
+        z_prev = _shift_right(self.z_0, value)
+        per_step = per_real_step(step_log_prob, self.steps, value, z_prev, self.covariates)
+        return _masked_sum(per_step, self.mask)
 
     def step_params(self, value: Array) -> tuple[Array, Array]:
         """(loc, scale) of p(z_t | z_{t-1}) at the trajectory ``value``, each [B, T, Z]."""
