@@ -52,12 +52,30 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        bound = 1.0 / math.sqrt(x.shape[-1])
-        kernel = self.param(
-            "kernel", self.kernel_init or uniform_init(bound), (x.shape[-1], self.features)
-        )
-        bias = self.param("bias", self.bias_init or uniform_init(bound), (self.features,))
+        kernel, bias = _linear_params(self, x.shape[-1])
         return x @ kernel + bias
+
+
+class LinearWeights(nn.Module):
+    """The (kernel, bias) of a ``Linear`` layer, created exactly as ``Linear`` creates them
+    (same names and initialisers: the same values from the same key), for layers that share
+    one input and run as one wider matmul."""
+
+    features: int
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
+        return _linear_params(self, in_features)
+
+
+def _linear_params(layer: Linear | LinearWeights, in_features: int) -> tuple[Array, Array]:
+    bound = 1.0 / math.sqrt(in_features)
+    kernel_init = layer.kernel_init or uniform_init(bound)
+    kernel = layer.param("kernel", kernel_init, (in_features, layer.features))
+    bias = layer.param("bias", layer.bias_init or uniform_init(bound), (layer.features,))
+    return kernel, bias
 
 
 def _identity_init(key, shape, dtype=jnp.float32):
@@ -85,13 +103,25 @@ class GatedTransition(nn.Module):
     def __call__(self, z_prev: Array, covariates: Array | None = None) -> tuple[Array, Array]:
         """z_prev [..., Z], covariates [..., C] or None -> (loc, scale), each [..., Z]."""
         net_in = z_prev if covariates is None else jnp.concatenate([z_prev, covariates], -1)
-        gate_hidden = nn.relu(Linear(self.transition_dim, name="gate_z_to_hidden")(net_in))
-        gate = nn.sigmoid(Linear(self.z_dim, name="gate_hidden_to_z")(gate_hidden))
-        mean_hidden = nn.relu(Linear(self.transition_dim, name="proposed_z_to_hidden")(net_in))
-        proposed_mean = Linear(self.z_dim, name="proposed_hidden_to_z")(mean_hidden)
-        linear_loc = Linear(
+        hidden = self.transition_dim
+        gate_in = LinearWeights(hidden, name="gate_z_to_hidden")(net_in.shape[-1])
+        mean_in = LinearWeights(hidden, name="proposed_z_to_hidden")(net_in.shape[-1])
+        loc_in = LinearWeights(
             self.z_dim, kernel_init=_identity_init, bias_init=nn.initializers.zeros, name="z_to_loc"
-        )(z_prev)
+        )(z_prev.shape[-1])
+        # The layers that read the same input run as one wider matmul (and one for each of
+        # its gradients) instead of two or three narrow ones.
+        first = [gate_in, mean_in] if covariates is not None else [gate_in, mean_in, loc_in]
+        out = net_in @ jnp.concatenate([k for k, _ in first], 1)
+        out = out + jnp.concatenate([b for _, b in first])
+        gate_hidden = nn.relu(out[..., :hidden])
+        mean_hidden = nn.relu(out[..., hidden : 2 * hidden])
+        if covariates is None:
+            linear_loc = out[..., 2 * hidden :]
+        else:
+            linear_loc = z_prev @ loc_in[0] + loc_in[1]
+        gate = nn.sigmoid(Linear(self.z_dim, name="gate_hidden_to_z")(gate_hidden))
+        proposed_mean = Linear(self.z_dim, name="proposed_hidden_to_z")(mean_hidden)
         loc = (1.0 - gate) * linear_loc + gate * proposed_mean
         scale = nn.softplus(Linear(self.z_dim, name="proposed_to_scale")(nn.relu(proposed_mean)))
         return loc, scale

@@ -1,6 +1,7 @@
 """The Flax networks: shapes, the identity initialisation, and the backward encoder against a
 plain per-sequence Python loop over reversed sequences (the reference's packed RNN)."""
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,43 @@ def test_transition_linear_part_starts_as_identity(key):
     params = trans.init(key, jnp.zeros((1, 4)))["params"]
     np.testing.assert_array_equal(params["z_to_loc"]["kernel"], np.eye(4))
     np.testing.assert_array_equal(params["z_to_loc"]["bias"], np.zeros(4))
+
+
+class _LayerByLayerTransition(flax_nn.Module):
+    """GatedTransition as the docstring writes it, one Linear per layer (the code before the
+    layers sharing an input ran as one matmul)."""
+
+    @flax_nn.compact
+    def __call__(self, z_prev, covariates=None):
+        net_in = z_prev if covariates is None else jnp.concatenate([z_prev, covariates], -1)
+        relu = flax_nn.relu
+        gate = flax_nn.sigmoid(
+            Linear(4, name="gate_hidden_to_z")(relu(Linear(5, name="gate_z_to_hidden")(net_in)))
+        )
+        mean_hidden = relu(Linear(5, name="proposed_z_to_hidden")(net_in))
+        proposed = Linear(4, name="proposed_hidden_to_z")(mean_hidden)
+        identity = lambda key, shape, dtype=jnp.float32: jnp.eye(*shape, dtype=dtype)
+        zeros = flax_nn.initializers.zeros
+        linear_loc = Linear(4, kernel_init=identity, bias_init=zeros, name="z_to_loc")(z_prev)
+        scale = flax_nn.softplus(Linear(4, name="proposed_to_scale")(relu(proposed)))
+        return (1.0 - gate) * linear_loc + gate * proposed, scale
+
+
+@pytest.mark.parametrize("num_covariates", [0, 2])
+def test_transition_equals_its_layer_by_layer_form(key, num_covariates):
+    """Same parameters from the same key (names, shapes, values: checkpoints and seeds still
+    hold) and the same loc and scale, with the layers that share an input fused."""
+    z_prev = jax.random.normal(key, (6, 4))
+    covariates = jax.random.normal(jax.random.fold_in(key, 1), (6, num_covariates))
+    args = (z_prev,) if num_covariates == 0 else (z_prev, covariates)
+    fused, reference = GatedTransition(z_dim=4, transition_dim=5), _LayerByLayerTransition()
+    params = fused.init(key, *args)
+    reference_params = reference.init(key, *args)
+    assert jax.tree.structure(params) == jax.tree.structure(reference_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fused.apply(params, *args), reference.apply(params, *args)):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6)
 
 
 def test_linear_uses_pytorch_default_init(key):
