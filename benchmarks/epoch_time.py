@@ -11,6 +11,10 @@ the training loss after the same number of epochs, and the ratio reference / dmm
     python benchmarks/epoch_time.py --impls dmm_jax,dmm_jax_bucketed   # without the reference
     python benchmarks/epoch_time.py --table-from epoch_time.json      # the README's table
 
+On a GPU: `--reference-device cuda` runs the reference there too (its `--cuda`), and
+`--matmul-precision highest` keeps dmm_jax's float32 matmuls float32 (JAX's default lets a
+GPU use TF32); `benchmarks/gpu_check.sh` is the whole run on a lent GPU machine.
+
 Needs `pip install -e .[bench]` for the reference (torch 2.13.0 CPU + pyro-ppl).
 """
 
@@ -61,6 +65,9 @@ def peak_rss_mib() -> float:
 def _jax_worker(args, bucketed: bool):
     import jax
 
+    if args.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+
     from dmm_jax.config import DMMConfig, TrainConfig
     from dmm_jax.data import load_dataset
     from dmm_jax.data.batching import PaddedSequences
@@ -76,6 +83,8 @@ def _jax_worker(args, bucketed: bool):
     state = init_train_state(svi, train_config.seed, model_config.obs_dim)
     update = UpdateStep(svi)
     info = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend()}
+    if args.matmul_precision:
+        info["platform"] += f", matmul precision {args.matmul_precision}"
 
     def run_epoch():
         nonlocal state
@@ -100,11 +109,19 @@ def _reference_worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     splits, _ = load_jsb(args.data)
-    trainer = ReferenceTrainer(splits["train"], seed=args.seed)
-    info = {
-        "device": "cpu",
-        "platform": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-    }
+    device = torch.device(args.reference_device)
+    trainer = ReferenceTrainer(splits["train"], seed=args.seed, device=device)
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        info = {
+            "device": torch.cuda.get_device_name(device),
+            "platform": f"torch {torch.__version__}, TF32 matmul/cuDNN {tf32[0]}/{tf32[1]}",
+        }
+    else:
+        info = {
+            "device": "cpu",
+            "platform": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        }
 
     def run_epoch():
         record = trainer.run_epoch()
@@ -128,9 +145,12 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 10, precision: str | None = None) -> float:
     """GFLOP/s of an n x n float32 matmul under jit: the machine's practical ceiling."""
     import jax
+
+    if precision:
+        jax.config.update("jax_default_matmul_precision", precision)
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
     f = jax.jit(lambda a: a @ a)
@@ -150,6 +170,9 @@ class Worker:
             cmd += ["--data", args.data]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        cmd += ["--reference-device", args.reference_device]
+        if args.matmul_precision:
+            cmd += ["--matmul-precision", args.matmul_precision]
         self.impl = impl
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
@@ -185,6 +208,7 @@ def summarize(
         "compile_seconds": epochs[-1].get("compile_seconds"),
         "compiled_shapes": epochs[-1].get("compiled_shapes"),
         "peak_rss_mib": epochs[-1]["peak_rss_mib"],
+        "minutes_for_5000_epochs": 5000 * median / 60,
         "useful_gflops_per_s": flops / median / 1e9,
         "fraction_of_matmul": flops / median / 1e9 / ceiling,
         "loss_per_epoch": [e["train_loss_per_step"] for e in epochs],
@@ -208,6 +232,15 @@ def main(argv=None) -> int:
         "--data", default=None, help="JSB file or directory (default: $DMM_JAX_DATA_DIR)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--reference-device", default="cpu", help="torch device of the reference (cpu, cuda)"
+    )
+    parser.add_argument(
+        "--matmul-precision",
+        default=None,
+        choices=("default", "high", "highest"),
+        help="jax_default_matmul_precision for dmm_jax and the matmul ceiling (default: JAX's)",
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument(
         "--table-from",
@@ -234,7 +267,7 @@ def main(argv=None) -> int:
     from dmm_jax.data import load_dataset
 
     real_steps = load_dataset("jsb_chorales", args.data).train.num_steps
-    ceiling = matmul_gflops()
+    ceiling = matmul_gflops(precision=args.matmul_precision)
     print(f"large matmul: {ceiling:.0f} GFLOP/s", flush=True)
     workers = [Worker(impl, args) for impl in impls]
     epochs = {w.impl: [] for w in workers}
@@ -272,6 +305,8 @@ def main(argv=None) -> int:
             "epochs": args.epochs,
             "warmup": args.warmup,
             "seed": args.seed,
+            "reference_device": args.reference_device,
+            "matmul_precision": args.matmul_precision,
             "rows": rows,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -282,9 +317,9 @@ def main(argv=None) -> int:
 def format_table(rows: list[dict], epochs: int) -> str:
     head = (
         f"| impl | where | s/epoch (median) | compile s | shapes | peak RSS MiB | GFLOP/s (% of matmul) "
-        f"| loss after {epochs} epochs | reference / impl |"
+        f"| loss after {epochs} epochs | reference / impl | 5000 epochs, min |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         compile_s = "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
         shapes = "-" if r["compiled_shapes"] is None else str(r["compiled_shapes"])
@@ -292,7 +327,7 @@ def format_table(rows: list[dict], epochs: int) -> str:
         lines.append(
             f"| {r['impl']} | {r['where']} | {r['seconds_per_epoch']:.3f} | {compile_s} | {shapes} | "
             f"{r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.1f} ({100 * r['fraction_of_matmul']:.0f}%) | "
-            f"{r['loss_per_epoch'][-1]:.4f} | {ratio} |"
+            f"{r['loss_per_epoch'][-1]:.4f} | {ratio} | {5000 * r['seconds_per_epoch'] / 60:.1f} |"
         )
     return "\n".join(lines)
 

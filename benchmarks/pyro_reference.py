@@ -218,7 +218,7 @@ def pad_and_reverse(
 
 
 def get_mini_batch_mask(mini_batch: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
-    """0/1 float mask ``[batch, T_max]`` of the valid time steps."""
+    """0/1 float mask ``[batch, T_max]`` of the valid time steps (on the CPU)."""
     mask = torch.zeros(mini_batch.shape[0:2])
     for b in range(mini_batch.shape[0]):
         mask[b, 0 : seq_lengths[b]] = torch.ones(int(seq_lengths[b]))
@@ -226,11 +226,16 @@ def get_mini_batch_mask(mini_batch: torch.Tensor, seq_lengths: torch.Tensor) -> 
 
 
 def get_mini_batch(
-    mini_batch_indices: torch.Tensor, sequences: torch.Tensor, seq_lengths: torch.Tensor
+    mini_batch_indices: torch.Tensor,
+    sequences: torch.Tensor,
+    seq_lengths: torch.Tensor,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, nn.utils.rnn.PackedSequence, torch.Tensor, torch.Tensor]:
     """Select, sort by decreasing length, pad to the batch max, and pack reversed copies.
 
-    Returns ``(mini_batch, packed_reversed, mask, sorted_lengths)`` as the reference does.
+    Returns ``(mini_batch, packed_reversed, mask, sorted_lengths)`` as the reference does;
+    with ``device`` (the reference's ``--cuda``) the batch, its reversed copy and the mask are
+    moved there before packing, the lengths stay on the CPU.
     """
     seq_lengths = seq_lengths[mini_batch_indices]
     _, sorted_seq_length_indices = torch.sort(seq_lengths)
@@ -241,6 +246,8 @@ def get_mini_batch(
     mini_batch = sequences[sorted_mini_batch_indices, 0:T_max, :]
     mini_batch_reversed = reverse_sequences(mini_batch, sorted_seq_lengths)
     mini_batch_mask = get_mini_batch_mask(mini_batch, sorted_seq_lengths)
+    mini_batch, mini_batch_mask = mini_batch.to(device), mini_batch_mask.to(device)
+    mini_batch_reversed = mini_batch_reversed.to(device)
     packed = nn.utils.rnn.pack_padded_sequence(
         mini_batch_reversed, sorted_seq_lengths, batch_first=True
     )
@@ -379,7 +386,9 @@ class ReferenceTrainer:
     Each trainer owns a torch RNG stream seeded with ``seed`` (network init, ``randperm``,
     guide samples) and its own Pyro param-store scope, so several trainers can live in one
     process without disturbing each other or the global RNG. With a single trainer this is
-    the same as calling ``pyro.set_rng_seed(seed)`` before building the model.
+    the same as calling ``pyro.set_rng_seed(seed)`` before building the model. ``device``
+    ("cuda" on a GPU, as the reference's ``--cuda``) holds the networks and every batch; there
+    the guide's draws come from torch's global CUDA generator, seeded with ``seed`` too.
     """
 
     def __init__(
@@ -397,6 +406,7 @@ class ReferenceTrainer:
         annealing_epochs: int = ANNEALING_EPOCHS,
         minimum_annealing_factor: float = MINIMUM_ANNEALING_FACTOR,
         optim_args: Mapping[str, Any] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -408,6 +418,7 @@ class ReferenceTrainer:
         self.annealing_epochs = annealing_epochs
         self.minimum_annealing_factor = minimum_annealing_factor
         self.seed = seed
+        self.device = torch.device(device)
         self.optim_args = {**OPTIM_DEFAULTS, **(optim_args or {})}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -421,6 +432,7 @@ class ReferenceTrainer:
                 rnn_dropout_rate=rnn_dropout_rate,
             )
             self._rng_state = torch.get_rng_state()
+        self.dmm.to(self.device)
         self._param_state: dict[str, Any] = {"params": {}, "constraints": {}}
         self.optimizer = ClippedAdam(dict(self.optim_args))
         self.svi = SVI(self.dmm.model, self.dmm.guide, self.optimizer, loss=Trace_ELBO())
@@ -460,7 +472,9 @@ class ReferenceTrainer:
                 af = self.annealing_factor(which_mini_batch, epoch)
                 lo = which_mini_batch * self.batch_size
                 hi = min((which_mini_batch + 1) * self.batch_size, self.n_data)
-                batch = get_mini_batch(shuffled_indices[lo:hi], self.sequences, self.seq_lengths)
+                batch = get_mini_batch(
+                    shuffled_indices[lo:hi], self.sequences, self.seq_lengths, self.device
+                )
                 epoch_nll += self.svi.step(*batch, af)
             seconds = time.perf_counter() - start
         self.epoch += 1
@@ -474,7 +488,7 @@ class ReferenceTrainer:
     def evaluate(self, sequences: Sequence[np.ndarray]) -> float:
         """-ELBO per time step of ``sequences`` as one batch, annealing factor 1 (1 sample)."""
         padded, lengths = pad_sequences(sequences)
-        batch = get_mini_batch(torch.arange(len(lengths)), padded, lengths)
+        batch = get_mini_batch(torch.arange(len(lengths)), padded, lengths, self.device)
         with self._activate():
             self.dmm.rnn.eval()
             try:

@@ -41,6 +41,8 @@ def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
     assert epoch_time.main(["--table-from", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| dmm_jax | cpu (cpu) | 2.000 | 9.0 | 3 |" in table and "3.00x" in table
+    assert row["minutes_for_5000_epochs"] == pytest.approx(5000 * 2 / 60)
+    assert table.rstrip().endswith("| 3.00x | 166.7 |")  # 5000 epochs at 2 s, in minutes
 
 
 def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsys):

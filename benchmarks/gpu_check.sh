@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurement of issue #3 in one run, for a session lent a GPU machine (the `device`
+# tool): dmm_jax and the PyTorch/Pyro reference on the same GPU, side by side, as
+# benchmarks/epoch_time.py does on the CPU, with the minutes 5000 epochs would take.
+#
+# That machine has no network and starts bare; its image has jax (CUDA), numpyro, flax, optax
+# and torch (CUDA), but not pyro-ppl, and ../shared does not travel. Prepare here, once, in the
+# repository root:
+#
+#   echo /.device/ >> .git/info/exclude
+#   mkdir -p .device/data .device/whl && cp ../shared/data/jsb_chorales.json .device/data/
+#   pip download --no-deps -d .device/whl pyro-ppl==1.9.2 pyro-api==0.1.2   # pure Python
+#
+# then call the device tool's `run` with carry [".device"] and the command
+# `bash benchmarks/gpu_check.sh` (timeout_s 540). The JSON lands in $OUT.
+# EPOCHS, REFERENCE_DEVICE and OUT override the defaults (e.g. REFERENCE_DEVICE=cpu EPOCHS=3
+# OUT=/tmp/gpu_check try the script on a CPU machine).
+set -euo pipefail
+
+EPOCHS="${EPOCHS:-7}"
+REFERENCE_DEVICE="${REFERENCE_DEVICE:-cuda}"
+OUT="${OUT:?set OUT to a directory for the results}"
+SITE="$(mktemp -d)"
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    .device/whl/*.whl
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+
+python3 - <<'EOF' | tee "$OUT/versions.txt"
+import jax, numpyro, flax, optax, torch, pyro
+print("jax", jax.__version__, jax.devices())
+print("numpyro", numpyro.__version__, "flax", flax.__version__, "optax", optax.__version__)
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "pyro", pyro.__version__)
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+    --format=csv | tee -a "$OUT/versions.txt"
+
+# float32 matmuls as on the CPU (JAX's default precision lets a GPU use TF32).
+python3 benchmarks/epoch_time.py --epochs "$EPOCHS" --data .device/data \
+    --reference-device "$REFERENCE_DEVICE" --matmul-precision highest \
+    --out "$OUT/epoch_time_gpu.json" 2>&1 | tee "$OUT/epoch_time_gpu.log"
