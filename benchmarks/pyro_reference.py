@@ -185,7 +185,9 @@ def given_guide_noise(queue: list) -> Iterator[None]:
     original = dist.Normal.rsample
 
     def rsample(self, sample_shape=()):  # the guide draws one z_t per call
-        return self.loc + self.scale * torch.as_tensor(queue.pop(0), dtype=self.loc.dtype)
+        return self.loc + self.scale * torch.as_tensor(
+            queue.pop(0), dtype=self.loc.dtype, device=self.loc.device
+        )
 
     dist.Normal.rsample = rsample
     try:
