@@ -9,7 +9,9 @@
 #
 #   echo /.device/ >> .git/info/exclude
 #   mkdir -p .device/data .device/whl && cp ../shared/data/jsb_chorales.json .device/data/
-#   pip download --no-deps -d .device/whl pyro-ppl==1.9.2 pyro-api==0.1.2   # pure Python
+#   pip download --no-deps -d .device/whl pyro-ppl==1.9.2 pyro-api==0.1.2 numpyro==0.22.0
+#
+# (pure Python wheels; numpyro as tested here, the image's being 0.21.0)
 #
 # then call the device tool's `run` with carry [".device"] and the command
 # `bash benchmarks/gpu_check.sh` (timeout_s 540). The JSON lands in $OUT.
@@ -25,6 +27,9 @@ SITE="$(mktemp -d)"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
     .device/whl/*.whl
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+# Three JAX clients share the GPU (the driver's matmul and two workers) with the reference:
+# none may take XLA's default 75% of its memory up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 mkdir -p "$OUT"
 
 python3 - <<'EOF' | tee "$OUT/versions.txt"
