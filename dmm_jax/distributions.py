@@ -141,13 +141,9 @@ class MarkovGaussianChain(Distribution):
         return _time_major(z)
 
     def log_prob(self, value: Array) -> Array:
-        if self.steps is None:
-            loc, scale = self.step_params(value)
-            return _masked_sum(normal_log_prob(value, loc, scale), self.mask)
-
-        # Scored on the real steps' rows: the Gaussian's arithmetic (and its gradient) then runs
-        # on contiguous [R, Z] rows, not on [B, T, Z] read back through the rows' slots, which
-        # XLA's CPU backend fuses into one gather kernel run as scalar code.
+        # With real steps, scored on their rows: the Gaussian's arithmetic (and its gradient)
+        # then runs on contiguous [R, Z] rows, not on [B, T, Z] read back through the rows'
+        # slots, which XLA's CPU backend fuses into one gather kernel run as scalar code.
         def step_log_prob(z_t, z_prev, covariates):
             loc, scale = self._step_params(z_prev, covariates)
             return normal_log_prob(z_t, loc, scale)
