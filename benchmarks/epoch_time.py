@@ -5,7 +5,10 @@ cache are its own); the driver asks the workers for one epoch at a time, alterna
 them, so that both see the same machine. Every worker trains on the same data with the same
 hyperparameters and seed. Reported: the median seconds per epoch after warm-up, compile time,
 shapes compiled, peak memory, achieved GFLOP/s against a large matmul measured in the same run,
-the training loss after the same number of epochs, and the ratio reference / dmm_jax.
+the training loss after the same number of epochs, the ratio reference / dmm_jax, and a floor:
+what an epoch would take if it did nothing but its matmuls, the step-by-step ones at the rate
+of a lone [20, 600] x [600, 600] matmul in a loop and the rest at the large matmul's rate, both
+measured in the same run (``floor_seconds``).
 
     python benchmarks/epoch_time.py --epochs 7 --out epoch_time.json
     python benchmarks/epoch_time.py --impls dmm_jax,dmm_jax_bucketed   # without the reference
@@ -42,6 +45,50 @@ def forward_flops_per_step(obs=88, z=100, emission=100, transition=200, rnn=600)
     trans = 2 * (z * transition + transition * z) + z * z + z * z
     emitter = z * emission + emission * emission + emission * obs
     return 2 * (rnn_flops + combiner + trans + emitter)
+
+
+def loop_flops_per_step(batch: int = 20, z: int = 100, rnn: int = 600) -> int:
+    """Multiply-adds x 2 of the matmuls that run step by step, per loop step of a batch: the
+    RNN's [batch, rnn] x [rnn, rnn] and the combiner's z -> rnn and rnn -> (loc, scale), each
+    forward and again in the backward loop (which carries only the state's cotangent)."""
+    return 2 * 2 * batch * (rnn * rnn + z * rnn + 2 * rnn * z)
+
+
+def loop_steps_per_epoch(
+    lengths, batch_size: int = 20, length_grouped: bool = False, epochs: int = 16
+) -> float:
+    """Loop steps of an epoch (the sum of its batches' longest lengths: the recurrences stop
+    there), averaged over ``epochs`` simulated epochs of the training's own batching."""
+    import jax
+    import numpy as np
+
+    from dmm_jax.data.batching import length_grouped_batches, shuffled_batches
+
+    lengths = np.asarray(lengths)
+    totals = []
+    for epoch in range(epochs):
+        key = jax.random.PRNGKey(epoch)
+        if length_grouped:
+            batches = length_grouped_batches(key, lengths, batch_size)
+        else:
+            batches = shuffled_batches(key, len(lengths), batch_size)
+        totals.append(sum(int(lengths[b].max()) for b in batches))
+    return float(np.mean(totals))
+
+
+def floor_seconds(
+    loop_steps: float,
+    real_steps: int,
+    loop_gflops: float,
+    matmul_gflops: float,
+    batch_size: int = 20,
+) -> float:
+    """A lower bound on an epoch's time on this machine: the loops' matmuls at the rate of a
+    lone recurrent matmul, every other FLOP of the real steps at the large matmul's rate, and
+    nothing else (no elementwise work, no padding)."""
+    sequential = loop_flops_per_step(batch_size) * loop_steps
+    batched = (3 * forward_flops_per_step() - loop_flops_per_step(1)) * real_steps
+    return sequential / loop_gflops / 1e9 + batched / matmul_gflops / 1e9
 
 
 def cpu_model() -> str:
@@ -168,6 +215,27 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, precision: str | None = None
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def recurrent_matmul_gflops(
+    batch: int = 20, hidden: int = 600, steps: int = 64, repeats: int = 20
+) -> float:
+    """GFLOP/s of the RNN's step, a [batch, hidden] x [hidden, hidden] matmul chained through a
+    ``lax.fori_loop`` of ``steps`` (median over ``repeats``): the ceiling of sequential work."""
+    import jax
+    import jax.numpy as jnp
+
+    # An orthogonal matrix keeps the chained state's scale (no overflow, no denormals).
+    w, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (hidden, hidden)))
+    h0 = jax.random.normal(jax.random.PRNGKey(1), (batch, hidden))
+    f = jax.jit(lambda h, w: jax.lax.fori_loop(0, steps, lambda _, h: h @ w, h))
+    f(h0, w).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(h0, w).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * batch * hidden * hidden * steps / statistics.median(times) / 1e9
+
+
 class Worker:
     def __init__(self, impl: str, args):
         cmd = [sys.executable, __file__, "--worker", impl, "--seed", str(args.seed)]
@@ -199,8 +267,15 @@ class Worker:
 
 
 def summarize(
-    impl: str, info: dict, epochs: list[dict], warmup: int, real_steps: int, ceiling: float
+    impl: str,
+    info: dict,
+    epochs: list[dict],
+    warmup: int,
+    real_steps: int,
+    ceiling: float,
+    floor: float | None = None,
 ):
+    """One table row; ``floor``: ``floor_seconds`` for this implementation's batching."""
     steady = [e["seconds"] for e in epochs[warmup:]]
     median = statistics.median(steady)
     flops = 3 * forward_flops_per_step() * real_steps  # forward + backward ~ 3x forward
@@ -216,6 +291,7 @@ def summarize(
         "minutes_for_5000_epochs": minutes_for_5000_epochs(median),
         "useful_gflops_per_s": flops / median / 1e9,
         "fraction_of_matmul": flops / median / 1e9 / ceiling,
+        "floor_seconds": floor,
         "loss_per_epoch": [e["train_loss_per_step"] for e in epochs],
     }
     return row
@@ -271,9 +347,23 @@ def main(argv=None) -> int:
 
     from dmm_jax.data import load_dataset
 
-    real_steps = load_dataset("jsb_chorales", args.data).train.num_steps
+    train = load_dataset("jsb_chorales", args.data).train
+    real_steps = train.num_steps
     ceiling = matmul_gflops(precision=args.matmul_precision)
-    print(f"large matmul: {ceiling:.0f} GFLOP/s", flush=True)
+    loop_rate = recurrent_matmul_gflops()
+    loop_steps = {
+        impl: loop_steps_per_epoch(train.lengths, length_grouped=impl == "dmm_jax_bucketed")
+        for impl in impls
+    }
+    floors = {
+        impl: floor_seconds(steps, real_steps, loop_rate, ceiling)
+        for impl, steps in loop_steps.items()
+    }
+    print(
+        f"large matmul: {ceiling:.0f} GFLOP/s; [20, 600] x [600, 600] in a loop: "
+        f"{loop_rate:.0f} GFLOP/s",
+        flush=True,
+    )
     workers = [Worker(impl, args) for impl in impls]
     epochs = {w.impl: [] for w in workers}
     try:
@@ -290,8 +380,13 @@ def main(argv=None) -> int:
         for w in workers:
             w.close()
     rows = [
-        summarize(w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling) for w in workers
+        summarize(
+            w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling, floors[w.impl]
+        )
+        for w in workers
     ]
+    for r in rows:
+        r["loop_steps_per_epoch"] = loop_steps[r["impl"]]
     reference = next((r for r in rows if r["impl"] == "pyro_reference"), None)
     for r in rows:
         r["speedup_vs_reference"] = (
@@ -307,6 +402,7 @@ def main(argv=None) -> int:
                 "cpu_model": cpu_model(),
             },
             "matmul_gflops_per_s": ceiling,
+            "recurrent_matmul_gflops_per_s": loop_rate,
             "epochs": args.epochs,
             "warmup": args.warmup,
             "seed": args.seed,
@@ -322,17 +418,19 @@ def main(argv=None) -> int:
 def format_table(rows: list[dict], epochs: int) -> str:
     head = (
         f"| impl | where | s/epoch (median) | compile s | shapes | peak RSS MiB | GFLOP/s (% of matmul) "
-        f"| loss after {epochs} epochs | reference / impl | 5000 epochs, min |"
+        f"| loss after {epochs} epochs | reference / impl | 5000 epochs, min | floor s (impl / floor) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         compile_s = "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
+        floor = r.get("floor_seconds")  # absent from runs saved before it was measured
+        floor = "-" if floor is None else f"{floor:.3f} ({r['seconds_per_epoch'] / floor:.1f}x)"
         shapes = "-" if r["compiled_shapes"] is None else str(r["compiled_shapes"])
         ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"
         lines.append(
             f"| {r['impl']} | {r['where']} | {r['seconds_per_epoch']:.3f} | {compile_s} | {shapes} | "
             f"{r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.1f} ({100 * r['fraction_of_matmul']:.0f}%) | "
-            f"{r['loss_per_epoch'][-1]:.4f} | {ratio} | {minutes_for_5000_epochs(r['seconds_per_epoch']):.1f} |"
+            f"{r['loss_per_epoch'][-1]:.4f} | {ratio} | {minutes_for_5000_epochs(r['seconds_per_epoch']):.1f} | {floor} |"
         )
     return "\n".join(lines)
 

@@ -18,6 +18,28 @@ def test_flop_count_of_the_reference_architecture(epoch_time):
     assert epoch_time.forward_flops_per_step() == 2 * (412_800 + 180_000 + 100_000 + 28_800)
 
 
+def test_floor_counts_the_loops_matmuls_at_the_loop_rate_and_the_rest_at_the_large_rate(
+    epoch_time,
+):
+    # Per loop step and sequence: rnn 600*600, combiner 100*600 + 600*200 multiply-adds, x 2
+    # for FLOPs, x 2 for the forward and backward loops.
+    assert epoch_time.loop_flops_per_step(batch=1) == 2 * 2 * (360_000 + 60_000 + 120_000)
+    assert epoch_time.loop_flops_per_step(batch=20) == 20 * epoch_time.loop_flops_per_step(1)
+    # 100 loop steps of a batch of 20 at 1 GFLOP/s; 1000 real steps' other FLOPs at 10 GFLOP/s.
+    batched = 3 * epoch_time.forward_flops_per_step() - epoch_time.loop_flops_per_step(1)
+    floor = epoch_time.floor_seconds(100, 1000, loop_gflops=1.0, matmul_gflops=10.0)
+    assert floor == pytest.approx(100 * 20 * 2_160_000 / 1e9 + 1000 * batched / 10e9)
+
+
+def test_loop_steps_of_an_epoch_sum_each_batchs_longest_sequence(epoch_time):
+    lengths = [5] * 20 + [9] * 20
+    # Grouped by length, one batch holds the 5s and one the 9s; shuffled, a batch without a 9
+    # has probability 2 / C(40, 20) (about 1e-11) per epoch, and the keys are fixed.
+    assert epoch_time.loop_steps_per_epoch(lengths, 20, length_grouped=True) == 14
+    assert epoch_time.loop_steps_per_epoch(lengths, 20, length_grouped=False) == 18
+    assert epoch_time.loop_steps_per_epoch(lengths, 40) == 9
+
+
 def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
     epochs = [
         {
@@ -30,7 +52,9 @@ def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
         for i, s in enumerate([9, 2, 1, 3])
     ]
     info = {"device": "cpu", "platform": "cpu"}
-    row = epoch_time.summarize("dmm_jax", info, epochs, warmup=1, real_steps=1000, ceiling=100.0)
+    row = epoch_time.summarize(
+        "dmm_jax", info, epochs, warmup=1, real_steps=1000, ceiling=100.0, floor=0.5
+    )
     assert row["seconds_per_epoch"] == 2 and row["epochs_timed"] == 3
     assert row["useful_gflops_per_s"] == pytest.approx(
         3 * epoch_time.forward_flops_per_step() * 1000 / 2 / 1e9
@@ -42,7 +66,13 @@ def test_summary_and_table_from_saved_json(epoch_time, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| dmm_jax | cpu (cpu) | 2.000 | 9.0 | 3 |" in table and "3.00x" in table
     assert row["minutes_for_5000_epochs"] == pytest.approx(5000 * 2 / 60)
-    assert table.rstrip().endswith("| 3.00x | 166.7 |")  # 5000 epochs at 2 s, in minutes
+    # 5000 epochs at 2 s, in minutes; 2 s against a floor of 0.5 s.
+    assert table.rstrip().endswith("| 3.00x | 166.7 | 0.500 (4.0x) |")
+    # Runs saved before the floor was measured still print, with a dash there.
+    del row["floor_seconds"]
+    out.write_text(json.dumps({"rows": [row], "epochs": 4}))
+    assert epoch_time.main(["--table-from", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("| 3.00x | 166.7 | - |")
 
 
 def test_long_runs_resume_an_existing_run_and_report_its_figures(tmp_path, capsys):
