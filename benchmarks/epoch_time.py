@@ -380,9 +380,7 @@ def main(argv=None) -> int:
         for w in workers:
             w.close()
     rows = [
-        summarize(
-            w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling, floors[w.impl]
-        )
+        summarize(w.impl, w.info, epochs[w.impl], args.warmup, real_steps, ceiling, floors[w.impl])
         for w in workers
     ]
     for r in rows:
