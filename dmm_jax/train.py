@@ -239,6 +239,9 @@ def microbatched_update(
     return SVIState(optim_state, svi_state.mutable_state, rng_key), loss
 
 
+_LARGE_ARRAY = 10_000  # elements; see skipping_nonfinite
+
+
 def skipping_nonfinite(update: Callable) -> Callable:
     """``update`` that leaves the optimizer state (parameters, moments, step count) as it was
     when the loss or any updated parameter is not finite; the random key still advances.
@@ -250,12 +253,18 @@ def skipping_nonfinite(update: Callable) -> Callable:
 
     def guarded(svi_state: SVIState, *args, **kwargs):
         new_state, loss = update(svi_state, *args, **kwargs)
-        # One reduction per array, one branch: cheap to compile (a per-array select is not).
-        total = sum(jnp.sum(a) for a in jax.tree.leaves(new_state.optim_state))
+        # One branch for the whole state (a per-array select compiles slowly). A large array
+        # is checked by its sum; the small ones (biases, counts) together, concatenated:
+        # summed one by one, each added kernels of XLA's tree-reduction rewrite, and a JSB
+        # update compiled about 0.35 s slower (4.77 against 4.43 s, medians of 8).
+        leaves = jax.tree.leaves(new_state.optim_state)
+        large = sum(jnp.sum(a) for a in leaves if a.size >= _LARGE_ARRAY)
+        finite = jnp.isfinite(loss) & jnp.isfinite(large)
+        small = [a.ravel().astype(jnp.float32) for a in leaves if a.size < _LARGE_ARRAY]
+        if small:
+            finite &= jnp.all(jnp.isfinite(jnp.concatenate(small)))
         optim_state = jax.lax.cond(
-            jnp.isfinite(loss) & jnp.isfinite(total),
-            lambda: new_state.optim_state,
-            lambda: svi_state.optim_state,
+            finite, lambda: new_state.optim_state, lambda: svi_state.optim_state
         )
         return new_state._replace(optim_state=optim_state), loss
 

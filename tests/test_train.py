@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_binary_batch
+from numpyro.infer.svi import SVIState
 
+import dmm_jax.train
 from dmm_jax.config import TrainConfig
 from dmm_jax.model import guide, model
 from dmm_jax.train import (
@@ -19,6 +21,7 @@ from dmm_jax.train import (
     init_train_state,
     microbatch_count,
     microbatched_update,
+    skipping_nonfinite,
 )
 
 
@@ -283,6 +286,39 @@ def test_fit_stops_early_and_keeps_the_best_checkpoint(tiny_config, tmp_path):
         resume=True,
     )
     assert len(again.history) == len(history)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_guard_drops_an_update_that_makes_any_array_of_the_state_non_finite(bad):
+    # A state with a large array (checked by its sum), small ones and a scalar (checked
+    # together) and an integer count, as an optimizer's state holds.
+    state = SVIState(
+        (jnp.int32(3), {"w": jnp.ones((200, 100)), "b": jnp.ones(7), "s": jnp.float32(2.0)}),
+        None,
+        jax.random.PRNGKey(0),
+    )
+    leaves, tree = jax.tree.flatten(state.optim_state)
+    assert max(a.size for a in leaves) >= dmm_jax.train._LARGE_ARRAY > 7
+
+    @jax.jit
+    def guarded(state, index):  # leaf `index` of the new state gets one non-finite entry
+        def update(svi_state):
+            new = [a + 1 for a in leaves]
+            new = [
+                jnp.where((i == index) & (jnp.arange(a.size) == 0).reshape(a.shape), bad, a)
+                if jnp.issubdtype(a.dtype, jnp.floating)
+                else a
+                for i, a in enumerate(new)
+            ]
+            return svi_state._replace(optim_state=jax.tree.unflatten(tree, new)), 0.0
+
+        return skipping_nonfinite(update)(state)[0].optim_state
+
+    for index in range(1, len(leaves)):  # every float array: the update is dropped
+        for a, b in zip(jax.tree.leaves(guarded(state, index)), leaves):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(guarded(state, -1)), leaves):  # all finite: it goes through
+        np.testing.assert_array_equal(a, b + 1)
 
 
 def test_update_step_drops_an_update_whose_loss_is_not_finite(tiny_config):
