@@ -62,17 +62,13 @@ def loop_steps_per_epoch(
     import jax
     import numpy as np
 
-    from dmm_jax.data.batching import length_grouped_batches, shuffled_batches
+    from dmm_jax.data.batching import epoch_batches
 
     lengths = np.asarray(lengths)
-    totals = []
-    for epoch in range(epochs):
-        key = jax.random.PRNGKey(epoch)
-        if length_grouped:
-            batches = length_grouped_batches(key, lengths, batch_size)
-        else:
-            batches = shuffled_batches(key, len(lengths), batch_size)
-        totals.append(sum(int(lengths[b].max()) for b in batches))
+    totals = [
+        sum(int(lengths[b].max()) for b in epoch_batches(key, lengths, batch_size, length_grouped))
+        for key in (jax.random.PRNGKey(epoch) for epoch in range(epochs))
+    ]
     return float(np.mean(totals))
 
 
@@ -197,6 +193,17 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def _median_seconds(f, *args, repeats: int) -> float:
+    """Median wall time of ``f(*args)`` over ``repeats`` calls, after one warm-up call."""
+    f(*args).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(*args).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 10, precision: str | None = None) -> float:
     """GFLOP/s of an n x n float32 matmul under jit: the machine's practical ceiling."""
     import jax
@@ -205,14 +212,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, precision: str | None = None
         jax.config.update("jax_default_matmul_precision", precision)
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / _median_seconds(jax.jit(lambda a: a @ a), a, repeats=repeats) / 1e9
 
 
 def recurrent_matmul_gflops(
@@ -227,13 +227,7 @@ def recurrent_matmul_gflops(
     w, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (hidden, hidden)))
     h0 = jax.random.normal(jax.random.PRNGKey(1), (batch, hidden))
     f = jax.jit(lambda h, w: jax.lax.fori_loop(0, steps, lambda _, h: h @ w, h))
-    f(h0, w).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(h0, w).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * batch * hidden * hidden * steps / statistics.median(times) / 1e9
+    return 2 * batch * hidden * hidden * steps / _median_seconds(f, h0, w, repeats=repeats) / 1e9
 
 
 class Worker:

@@ -109,6 +109,15 @@ def length_grouped_batches(
     return [batches[i] for i in batch_order]
 
 
+def epoch_batches(
+    key: Array, lengths: np.ndarray, batch_size: int, length_grouped: bool
+) -> list[np.ndarray]:
+    """One training epoch's mini-batches: ``length_grouped_batches`` or ``shuffled_batches``."""
+    if length_grouped:
+        return length_grouped_batches(key, np.asarray(lengths), batch_size)
+    return shuffled_batches(key, len(lengths), batch_size)
+
+
 def balanced_batch_size(num_items: int, batch_size: int) -> int:
     """The smallest size that splits ``num_items`` into as few batches as ``batch_size`` does.
 
@@ -133,8 +142,8 @@ def real_step_capacities(
 
     Scoring only the real steps (``dmm_jax.real_steps``) needs a static row count per compiled
     shape. It is planned from the data: the most real steps of any batch in ``epochs``
-    simulated epochs of the same batching (``length_grouped``: ``length_grouped_batches``,
-    else ``shuffled_batches``; fixed keys, so every run plans alike), plus 10% and rounded up
+    simulated epochs of the same batching (``epoch_batches``; fixed keys, so every run plans
+    alike), plus 10% and rounded up
     to a multiple of 64, at most batch_size * bucket. A batch above its bucket's capacity (rare
     by construction) is scored densely instead: one more compiled shape, never a wrong result.
     """
@@ -142,11 +151,7 @@ def real_step_capacities(
     most: dict[int, int] = {}
     for epoch in range(epochs):
         key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
-        if length_grouped:
-            batches = length_grouped_batches(key, lengths, batch_size)
-        else:
-            batches = shuffled_batches(key, len(lengths), batch_size)
-        for indices in batches:
+        for indices in epoch_batches(key, lengths, batch_size, length_grouped):
             bucket = length_bucket(int(lengths[indices].max()))
             most[bucket] = max(most.get(bucket, 0), int(lengths[indices].sum()))
     return {
