@@ -33,11 +33,22 @@ StepFn = Callable[..., tuple[Array, Array]]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
+# JAX's default ("partitionable") threefry hashes every counter twice and XORs the two words;
+# the original scheme keeps both words, half the hashing. For a JSB update's noise (96 x 20 x
+# 100) its kernels compiled to 0.7k lines of LLVM IR instead of 12.7k (of 45k for the whole
+# update) and the three bucketed shapes compiled in 11.9-13.0 s instead of 12.3-14.9 s. It is
+# the same distribution, another stream; where JAX lacks the switch (older versions), their
+# default is the original scheme already.
+_original_threefry = getattr(jax, "threefry_partitionable", None)
+
+
 def step_noise(key: Array, num_steps: int, shape: tuple[int, ...]) -> Array:
     """Standard normal noise [T, *shape]; step t depends only on (key, t)."""
-    return jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(key, t), shape))(
-        jnp.arange(num_steps)
-    )
+    draw = jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(key, t), shape))
+    if _original_threefry is None:
+        return draw(jnp.arange(num_steps))
+    with _original_threefry(False):
+        return draw(jnp.arange(num_steps))
 
 
 def normal_log_prob(value: Array, loc: Array, scale: Array) -> Array:
