@@ -16,12 +16,14 @@ leaves the draws of the real steps, and hence the loss, unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p
 from numpyro.distributions import Distribution, constraints
 
 from dmm_jax.real_steps import RealSteps, per_real_step
@@ -33,22 +35,42 @@ StepFn = Callable[..., tuple[Array, Array]]
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-# JAX's default ("partitionable") threefry hashes every counter twice and XORs the two words;
-# the original scheme keeps both words, half the hashing. For a JSB update's noise (96 x 20 x
-# 100) its kernels compiled to 0.7k lines of LLVM IR instead of 12.7k (of 45k for the whole
-# update) and the three bucketed shapes compiled in 11.9-13.0 s instead of 12.3-14.9 s. It is
-# the same distribution, another stream; where JAX lacks the switch (older versions), their
-# default is the original scheme already.
-_original_threefry = getattr(jax, "threefry_partitionable", None)
-
-
 def step_noise(key: Array, num_steps: int, shape: tuple[int, ...]) -> Array:
-    """Standard normal noise [T, *shape]; step t depends only on (key, t)."""
-    draw = jax.vmap(lambda t: jax.random.normal(jax.random.fold_in(key, t), shape))
-    if _original_threefry is None:
-        return draw(jnp.arange(num_steps))
-    with _original_threefry(False):
-        return draw(jnp.arange(num_steps))
+    """Standard normal noise [T, *shape]; entry [t, i, ..., j] depends only on (key, t, the
+    entry's index, shape[-1]), so extra steps or extra sequences (padding) leave the other
+    entries unchanged."""
+    if _is_raw_threefry_key(key):
+        draw = functools.partial(_threefry_normal, shape=shape)
+    else:  # typed or non-threefry keys: JAX's own sampler (same guarantee, twice the hashing)
+        draw = functools.partial(jax.random.normal, shape=shape)
+    return jax.vmap(lambda t: draw(jax.random.fold_in(key, t)))(jnp.arange(num_steps))
+
+
+def _is_raw_threefry_key(key: Array) -> bool:
+    return key.dtype == jnp.uint32 and key.shape[-1:] == (2,)
+
+
+def _threefry_normal(key: Array, shape: tuple[int, ...]) -> Array:
+    """N(0, 1) draws of ``shape`` from a raw threefry key, both words of every hash used.
+
+    JAX's default sampler hashes each counter and XORs the two output words (so that an
+    entry's bits depend on its index only), twice the hashing of using both. Here the counter
+    of pair k of row r is r * ceil(W / 2) + k and its two words are entries k and
+    k + ceil(W / 2) of that row: an entry still depends on its index only (and on W). For a
+    JSB update's noise (96 x 20 x 100) XLA compiled the hashing of JAX's sampler into two
+    kernels of 12.7k lines of LLVM IR in all (of 45k for the whole update), this one's into
+    1.4k.
+    """
+    *rows, width = shape
+    num_rows, half = math.prod(rows), -(-width // 2)
+    counters = jax.lax.iota(jnp.uint32, num_rows * half)
+    words = threefry2x32_p.bind(key[0], key[1], counters, jnp.zeros_like(counters))
+    bits = jnp.concatenate([w.reshape(num_rows, half) for w in words], axis=-1)[:, :width]
+    # 23 random mantissa bits -> [1, 2) -> [0, 1) -> (-1, 1), as jax.random.uniform does.
+    unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    lowest = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
+    symmetric = jnp.maximum(lowest, 2.0 * unit - 1.0)
+    return (math.sqrt(2.0) * jax.lax.erf_inv(symmetric)).reshape(shape)
 
 
 def normal_log_prob(value: Array, loc: Array, scale: Array) -> Array:
