@@ -10,8 +10,9 @@ Shapes: batch_shape (B,), event_shape (T, Z): one trajectory per sequence is one
 ``log_prob`` returns [B], the sum over real steps (``mask`` [B, T]; padded steps contribute
 exactly zero); KL annealing is applied by the model with a NumPyro scale handler.
 
-Noise for step t is drawn from ``fold_in(key, t)``, so appending padded steps to a batch
-leaves the draws of the real steps, and hence the loss, unchanged.
+Noise for step t is drawn from ``fold_in(key, t)``, each entry from its own counter, so
+appending padded steps or sequences to a batch leaves the draws of the real ones, and hence
+the loss, unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def step_noise(key: Array, num_steps: int, shape: tuple[int, ...]) -> Array:
     entries unchanged."""
     if _is_raw_threefry_key(key):
         draw = functools.partial(_threefry_normal, shape=shape)
-    else:  # typed or non-threefry keys: JAX's own sampler (same guarantee, twice the hashing)
+    else:  # typed or non-threefry keys: JAX's sampler (partitionable threefry: the same holds)
         draw = functools.partial(jax.random.normal, shape=shape)
     return jax.vmap(lambda t: draw(jax.random.fold_in(key, t)))(jnp.arange(num_steps))
 
