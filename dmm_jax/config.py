@@ -146,7 +146,8 @@ class TrainConfig:
     length_bucketing: bool = False
     # Memory: a batch whose padded size (sequences x steps) exceeds this is differentiated in
     # micro-batches of whole sequences and their gradients summed (same estimator; activations
-    # of one micro-batch in memory at a time). 0: never split (the reference's behaviour).
+    # of one micro-batch in memory at a time; each micro-batch still runs on its own real
+    # steps, see real_steps). 0: never split (the reference's behaviour).
     microbatch_steps: int = 0
     # Speed: run the per-step networks of each training batch on its real steps only (the
     # same loss and gradients; see dmm_jax.real_steps). False: on every padded step.

@@ -73,6 +73,23 @@ def real_steps(lengths: np.ndarray, num_steps: int, capacity: int) -> RealSteps:
     )
 
 
+def grouped_real_steps(
+    lengths: np.ndarray, num_steps: int, capacity: int, groups: int
+) -> RealSteps:
+    """``real_steps`` of each of ``groups`` consecutive, equal groups of the batch's sequences
+    (the micro-batches of ``dmm_jax.train.microbatched_update``), stacked: every field gets a
+    leading [groups] axis, and group g's indices address its own [B / groups, T] rows.
+
+    ``capacity`` is per group. Raises ValueError when ``groups`` does not divide the batch or
+    a group has more real steps than ``capacity``.
+    """
+    lengths = np.asarray(lengths)
+    if groups < 1 or lengths.shape[0] % groups:
+        raise ValueError(f"{groups} groups do not split a batch of {lengths.shape[0]} sequences")
+    per_group = [real_steps(g, num_steps, capacity) for g in np.split(lengths, groups)]
+    return RealSteps(*(np.stack(field) for field in zip(*per_group)))
+
+
 def _slots(rows: np.ndarray, num_rows: int, capacity: int) -> np.ndarray:
     """[num_rows] int32: slot r where rows[r] == n, ``capacity`` (the fill slot) elsewhere."""
     slots = np.full(num_rows, capacity, np.int32)

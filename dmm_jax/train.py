@@ -47,11 +47,17 @@ from dmm_jax.checkpoint import (
 )
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data.arrays import SequenceArrays
-from dmm_jax.data.batching import PaddedSequences, epoch_batches, real_step_capacities
+from dmm_jax.data.batching import (
+    PaddedSequences,
+    epoch_batches,
+    group_real_steps,
+    microbatch_count,
+    real_step_capacities,
+)
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.model import example_covariates, guide, model
 from dmm_jax.objectives import AnalyticKLTraceELBO
-from dmm_jax.real_steps import real_steps
+from dmm_jax.real_steps import grouped_real_steps, real_steps
 from dmm_jax.runtime import compiler_options as default_compiler_options
 
 Array = jax.Array
@@ -185,17 +191,6 @@ def init_train_state(
     return TrainState(svi_state, jnp.int32(0), data_key, eval_key)
 
 
-def microbatch_count(batch_size: int, num_steps: int, microbatch_steps: int) -> int:
-    """Fewest micro-batches (a divisor of batch_size) with at most ``microbatch_steps`` padded
-    steps each; 1 when ``microbatch_steps`` is 0 (off)."""
-    if microbatch_steps <= 0:
-        return 1
-    for count in range(1, batch_size + 1):
-        if batch_size % count == 0 and (batch_size // count) * num_steps <= microbatch_steps:
-            return count
-    return batch_size
-
-
 def microbatched_update(
     svi: SVI, num_microbatches: int, svi_state: SVIState, x, lengths, annealing, **covariates
 ):
@@ -204,6 +199,7 @@ def microbatched_update(
 
     The ELBO is a sum over sequences, so this is the same estimator with a fraction of the
     activations alive at once; micro-batch c draws its noise from ``fold_in(step_key, c)``.
+    ``steps``, if passed, holds each micro-batch's real steps (``grouped_real_steps``).
     """
     if jax.tree.leaves(svi_state.mutable_state):
         raise NotImplementedError("micro-batching does not support mutable model state")
@@ -211,7 +207,9 @@ def microbatched_update(
     params = svi.optim.get_params(svi_state.optim_state)
 
     def accumulate(total, microbatch):
-        index, x_m, lengths_m, covariates_m = microbatch
+        index, x_m, lengths_m, covariates_m, steps_m = microbatch
+        if steps_m is not None:
+            covariates_m = {**covariates_m, "steps": steps_m}
 
         def loss_fn(p):
             key = jax.random.fold_in(step_key, index)
@@ -222,11 +220,13 @@ def microbatched_update(
         loss_and_grads = jax.value_and_grad(loss_fn)(params)
         return jax.tree.map(jnp.add, total, loss_and_grads), None
 
+    steps = covariates.pop("steps", None)  # already one set of real steps per micro-batch
     microbatches = (
         jnp.arange(num_microbatches),
         x.reshape(num_microbatches, -1, *x.shape[1:]),
         lengths.reshape(num_microbatches, -1),
         {k: v.reshape(num_microbatches, -1, *v.shape[1:]) for k, v in covariates.items()},
+        steps,
     )
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
@@ -276,8 +276,9 @@ class UpdateStep:
 
     Call: (svi_state, x [B, T, X], lengths [B], annealing_factor [], **covariates) ->
     (svi_state, loss); covariates are the model's optional ``inputs``/``dt``/``obs_mask`` and
-    ``steps`` (the batch's real steps: ``takes_real_steps`` says for which shapes). A shape is
-    x's shape plus the number of real-step slots (0: none).
+    ``steps`` (the batch's real steps, ``real_steps``; for a shape split into micro-batches,
+    ``grouped_real_steps`` with ``microbatches(shape)`` groups; not data-parallel). A shape is
+    x's shape plus the number of real-step slots per (micro-)batch (0: none).
     Every new shape is lowered and compiled explicitly, so ``compiled_shapes`` and
     ``compile_seconds`` (wall time, all shapes) say exactly what compiled and what it cost; a
     call with a new annealing factor reuses the executable (it is a float32 array argument).
@@ -371,13 +372,22 @@ class UpdateStep:
         its ``memory_analysis()``; KeyError if not compiled."""
         return self._executables[(*shape, real_step_slots)]
 
+    @property
+    def microbatch_steps(self) -> int:
+        return self._microbatch_steps
+
+    def microbatches(self, shape: tuple[int, ...]) -> int:
+        """How many micro-batches a batch of ``shape`` [B, T, ...] is differentiated in."""
+        return microbatch_count(shape[0], shape[1], self._microbatch_steps)
+
     def takes_real_steps(self, shape: tuple[int, ...]) -> bool:
-        """Whether a batch of ``shape`` may pass ``steps``: not data-parallel, not split into
-        micro-batches (their sequences are split, the steps' indices are not)."""
-        return self.mesh is None and microbatch_count(*shape[:2], self._microbatch_steps) == 1
+        """Whether a batch of ``shape`` may pass ``steps``: not when data-parallel (the
+        steps' indices would have to follow the batch's split over devices)."""
+        del shape
+        return self.mesh is None
 
     def _jitted_for(self, shape: tuple[int, ...]):
-        count = microbatch_count(shape[0], shape[1], self._microbatch_steps)
+        count = self.microbatches(shape)
         if count not in self._jitted:
             update = skipping_nonfinite(functools.partial(microbatched_update, self._svi, count))
             self._jitted[count] = jax.jit(update, **self._jit_options)
@@ -406,21 +416,33 @@ def _spec(array) -> jax.ShapeDtypeStruct:
 
 def _batch_key(x, covariates: dict) -> tuple[int, ...]:
     steps = covariates.get("steps")
-    return (*x.shape, 0 if steps is None else int(np.shape(steps.batch_major)[0]))
+    return (*x.shape, 0 if steps is None else int(np.shape(steps.batch_major)[-1]))
 
 
 @functools.lru_cache(maxsize=8)
-def _planned_capacities(lengths: bytes, batch_size: int, length_grouped: bool) -> dict[int, int]:
-    return real_step_capacities(np.frombuffer(lengths, np.int32), batch_size, length_grouped)
+def _planned_capacities(
+    lengths: bytes, batch_size: int, length_grouped: bool, microbatch_steps: int
+) -> dict[int, int]:
+    return real_step_capacities(
+        np.frombuffer(lengths, np.int32),
+        batch_size,
+        length_grouped,
+        microbatch_steps=microbatch_steps,
+    )
 
 
-def real_step_plan(data: PaddedSequences | SequenceArrays, config: TrainConfig) -> dict[int, int]:
-    """Real-step slots planned for ``data``'s batches, per padded length (absent: none);
-    planned once per (data, batching) and cached."""
+def real_step_plan(
+    data: PaddedSequences | SequenceArrays, config: TrainConfig, microbatch_steps: int = 0
+) -> dict[int, int]:
+    """Real-step slots planned for ``data``'s batches, per padded length (absent: none), per
+    micro-batch where ``microbatch_steps`` splits a length's batches; planned once per (data,
+    batching) and cached."""
     if not config.real_steps:
         return {}
     lengths = np.asarray(data.lengths, np.int32).tobytes()
-    return _planned_capacities(lengths, config.batch_size, config.length_bucketing)
+    return _planned_capacities(
+        lengths, config.batch_size, config.length_bucketing, microbatch_steps
+    )
 
 
 # ----------------------------------------------------------------------------- loop
@@ -561,15 +583,20 @@ def train_epoch(
     batches = epoch_batches(epoch_key, data.lengths, config.batch_size, config.length_bucketing)
 
     shapes = [data.padded_shape(indices, config.batch_size) for indices in batches]
-    plan = real_step_plan(data, config)
+    plan = real_step_plan(data, config, update.microbatch_steps)
 
-    def slots(indices, shape) -> int:  # real-step slots of this batch (0: scored densely)
+    def slots(indices, shape) -> int:  # real-step slots per micro-batch (0: scored densely)
         capacity = plan.get(shape[1], 0) if update.takes_real_steps(shape) else 0
-        return capacity if int(data.lengths[indices].sum()) <= capacity else 0
+        groups = update.microbatches(shape)
+        most = group_real_steps(data.lengths[indices], config.batch_size, groups).max()
+        return capacity if most <= capacity else 0
 
     def covariates(indices, shape, lengths, num_slots) -> dict:
         covariates = data.batch_covariates(indices, config.batch_size)
-        if num_slots:
+        groups = update.microbatches(shape)
+        if num_slots and groups > 1:
+            covariates["steps"] = grouped_real_steps(lengths, shape[1], num_slots, groups)
+        elif num_slots:
             covariates["steps"] = real_steps(lengths, shape[1], num_slots)
         return covariates
 

@@ -122,6 +122,16 @@ def test_long_sequence_memory_worker_runs_one_microbatched_update():
     assert result["loss_per_step"] > 0 and math.isfinite(result["loss_per_step"])
 
 
+def test_long_sequence_epochs_worker_trains_micro_batches_on_their_real_steps():
+    # One batch of 20 rows (6 sequences of 40 steps, 14 empty) padded to 48 steps, split at
+    # 100 padded steps: 10 micro-batches of 2 rows, each on real-step slots of its own.
+    bench = load_benchmark("long_sequence_epochs")
+    result = bench.worker(True, 100, False, sequences=6, longest=40, epochs=1)
+    (shape,) = result["compiled_shapes"]
+    assert shape[:2] == [20, 48] and 0 < shape[3] <= 2 * 48
+    assert math.isfinite(result["loss_per_step"]) and result["loss_per_step"] > 0
+
+
 def test_lockstep_trains_both_implementations_alike_on_a_few_jsb_sequences(jsb_path, tmp_path):
     pytest.importorskip("torch", reason="needs the bench extra (torch)")
     pytest.importorskip("pyro", reason="needs the bench extra (pyro-ppl)")

@@ -10,9 +10,16 @@ import pytest
 from conftest import init_params, random_binary_batch
 from numpyro.infer import Trace_ELBO
 
+from dmm_jax.data.batching import epoch_batches, group_real_steps, real_step_capacities
 from dmm_jax.model import guide, model, sequence_mask
 from dmm_jax.objectives import AnalyticKLTraceELBO
-from dmm_jax.real_steps import gather_rows, per_real_step, real_steps, scatter_rows
+from dmm_jax.real_steps import (
+    gather_rows,
+    grouped_real_steps,
+    per_real_step,
+    real_steps,
+    scatter_rows,
+)
 
 RTOL = 1e-5
 
@@ -27,6 +34,41 @@ def test_real_steps_lists_every_real_step_once_in_both_layouts():
     b, t = np.divmod(steps.batch_major[real], num_steps)
     np.testing.assert_array_equal(steps.time_major[real], t * len(lengths) + b)
     np.testing.assert_array_equal(steps.time_major[~real], mask.size)
+
+
+def test_grouped_real_steps_are_each_groups_own_real_steps_stacked():
+    lengths, num_steps = np.array([3, 0, 5, 1, 6, 2]), 6
+    grouped = grouped_real_steps(lengths, num_steps, capacity=8, groups=3)
+    assert grouped.batch_major.shape == (3, 8) and grouped.time_major_slots.shape == (3, 12)
+    for g in range(3):
+        own = real_steps(lengths[2 * g : 2 * g + 2], num_steps, capacity=8)
+        for got, want in zip(grouped, own):
+            np.testing.assert_array_equal(got[g], want)
+    with pytest.raises(ValueError, match="4 groups do not split a batch of 6"):
+        grouped_real_steps(lengths, num_steps, capacity=8, groups=4)
+    with pytest.raises(ValueError, match="more than capacity=5"):
+        grouped_real_steps(lengths, num_steps, capacity=5, groups=3)  # 7 in the third
+
+
+def test_capacities_hold_every_planned_batch_or_micro_batch():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 140, 61)
+    for length_grouped in (False, True):
+        whole = real_step_capacities(lengths, 8, length_grouped, epochs=4)
+        split = real_step_capacities(lengths, 8, length_grouped, epochs=4, microbatch_steps=400)
+        assert whole.keys() == split.keys() == {48, 96, 144}
+        # At most 400 padded steps per micro-batch: 48-step batches whole, 96-step ones in
+        # 2 micro-batches of 4 sequences, 144-step ones in 4 of 2.
+        assert split[48] == whole[48]
+        for bucket, groups in ((96, 2), (144, 4)):
+            assert split[bucket] <= 8 // groups * bucket and split[bucket] < whole[bucket]
+            for epoch in range(4):
+                key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
+                for indices in epoch_batches(key, lengths, 8, length_grouped):
+                    if 48 * (bucket // 48 - 1) < lengths[indices].max() <= bucket:
+                        most = group_real_steps(lengths[indices], 8, groups).max()
+                        assert most <= split[bucket]
+                        assert lengths[indices].sum() <= whole[bucket]
 
 
 def test_slots_invert_the_row_indices_and_point_padding_at_the_fill_slot():
@@ -156,7 +198,7 @@ def _epochs(config, train_config, data, epochs=2):
 
     svi = build_svi(config, train_config)
     state = init_train_state(svi, 0, config.obs_dim)
-    update = UpdateStep(svi)
+    update = UpdateStep(svi, microbatch_steps=train_config.microbatch_steps)
     losses = []
     for _ in range(epochs):
         state, loss, _ = train_epoch(update, state, data, train_config)
@@ -182,12 +224,33 @@ def test_training_on_real_steps_follows_the_dense_run(tiny_config, length_bucket
     _assert_trees_close(params, dense_params, rtol=1e-4)
 
 
+@pytest.mark.parametrize("length_bucketing", [False, True])
+def test_micro_batches_on_real_steps_follow_the_dense_micro_batches(tiny_config, length_bucketing):
+    from dmm_jax.config import TrainConfig
+    from dmm_jax.data.batching import PaddedSequences
+
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(3, 30, 30)
+    data = PaddedSequences([(rng.random((n, tiny_config.obs_dim)) < 0.3) for n in lengths])
+    # 8 x 48 padded steps over a budget of 200: two micro-batches of 4 sequences each.
+    on = TrainConfig(
+        batch_size=8, length_bucketing=length_bucketing, learning_rate=1e-2, microbatch_steps=200
+    )
+    off = dataclasses.replace(on, real_steps=False)
+    losses, params, shapes = _epochs(tiny_config, on, data)
+    dense_losses, dense_params, dense_shapes = _epochs(tiny_config, off, data)
+    assert all(slots == 0 for *_, slots in dense_shapes)
+    assert all(0 < slots < 4 * t for _, t, _, slots in shapes)  # slots per micro-batch
+    np.testing.assert_allclose(losses, dense_losses, rtol=1e-4)
+    _assert_trees_close(params, dense_params, rtol=1e-4)
+
+
 def test_a_batch_above_its_planned_capacity_is_scored_densely(tiny_config, monkeypatch):
     from dmm_jax import train
     from dmm_jax.config import TrainConfig
     from dmm_jax.data.batching import PaddedSequences
 
-    monkeypatch.setattr(train, "real_step_plan", lambda data, config: {48: 10})
+    monkeypatch.setattr(train, "real_step_plan", lambda data, config, *_: {48: 10})
     rng = np.random.default_rng(1)
     for lengths, slots in (((3, 4, 1, 2), 10), ((3, 4, 9, 2), 0)):  # 10 real steps, then 18
         data = PaddedSequences([(rng.random((n, tiny_config.obs_dim)) < 0.3) for n in lengths])

@@ -135,8 +135,31 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def microbatch_count(batch_size: int, num_steps: int, microbatch_steps: int) -> int:
+    """Fewest micro-batches (a divisor of batch_size) with at most ``microbatch_steps`` padded
+    steps each; 1 when ``microbatch_steps`` is 0 (off)."""
+    if microbatch_steps <= 0:
+        return 1
+    for count in range(1, batch_size + 1):
+        if batch_size % count == 0 and (batch_size // count) * num_steps <= microbatch_steps:
+            return count
+    return batch_size
+
+
+def group_real_steps(lengths: np.ndarray, batch_size: int, groups: int) -> np.ndarray:
+    """Real steps of each of ``groups`` consecutive groups of a batch of ``lengths`` (fewer
+    than ``batch_size`` are followed by empty sequences, as ``PaddedSequences.batch`` pads)."""
+    padded = np.zeros(batch_size, np.int64)
+    padded[: len(lengths)] = lengths
+    return padded.reshape(groups, -1).sum(axis=1)
+
+
 def real_step_capacities(
-    lengths: np.ndarray, batch_size: int, length_grouped: bool, epochs: int = 32
+    lengths: np.ndarray,
+    batch_size: int,
+    length_grouped: bool,
+    epochs: int = 32,
+    microbatch_steps: int = 0,
 ) -> dict[int, int]:
     """Per length bucket, how many real steps a batch of that bucket is planned to hold.
 
@@ -146,6 +169,10 @@ def real_step_capacities(
     alike), plus 10% and rounded up
     to a multiple of 64, at most batch_size * bucket. A batch above its bucket's capacity (rare
     by construction) is scored densely instead: one more compiled shape, never a wrong result.
+
+    With ``microbatch_steps`` (``TrainConfig.microbatch_steps``), a bucket whose batches are
+    split into micro-batches (``microbatch_count``) is planned per micro-batch instead: the
+    most real steps of any one micro-batch, at most its sequences * bucket.
     """
     lengths = np.asarray(lengths)
     most: dict[int, int] = {}
@@ -153,8 +180,11 @@ def real_step_capacities(
         key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
         for indices in epoch_batches(key, lengths, batch_size, length_grouped):
             bucket = length_bucket(int(lengths[indices].max()))
-            most[bucket] = max(most.get(bucket, 0), int(lengths[indices].sum()))
-    return {
-        bucket: min(batch_size * bucket, 64 * math.ceil(1.1 * real / 64))
-        for bucket, real in most.items()
-    }
+            groups = microbatch_count(batch_size, bucket, microbatch_steps)
+            real = int(group_real_steps(lengths[indices], batch_size, groups).max())
+            most[bucket] = max(most.get(bucket, 0), real)
+    capacities = {}
+    for bucket, real in most.items():
+        rows = batch_size // microbatch_count(batch_size, bucket, microbatch_steps) * bucket
+        capacities[bucket] = min(rows, 64 * math.ceil(1.1 * real / 64))
+    return capacities
