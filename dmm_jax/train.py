@@ -221,6 +221,13 @@ def microbatched_update(
         return jax.tree.map(jnp.add, total, loss_and_grads), None
 
     steps = covariates.pop("steps", None)  # already one set of real steps per micro-batch
+    slots_rows = x.shape[0] // num_microbatches * x.shape[1]
+    if steps is not None and steps.batch_major_slots.shape != (num_microbatches, slots_rows):
+        raise ValueError(
+            f"steps must hold the real steps of each of the {num_microbatches} micro-batches "
+            f"(grouped_real_steps(lengths, {x.shape[1]}, capacity, {num_microbatches})); its "
+            f"batch_major_slots have shape {steps.batch_major_slots.shape}"
+        )
     microbatches = (
         jnp.arange(num_microbatches),
         x.reshape(num_microbatches, -1, *x.shape[1:]),

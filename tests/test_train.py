@@ -160,6 +160,23 @@ def test_microbatched_update_sums_the_numpyro_gradients_of_each_group(tiny_confi
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_microbatched_update_refuses_real_steps_not_grouped_per_micro_batch(tiny_config):
+    from functools import partial
+
+    from dmm_jax.real_steps import grouped_real_steps, real_steps
+
+    svi = build_svi(tiny_config, TrainConfig(learning_rate=1e-2))
+    state = init_train_state(svi, 0, tiny_config.obs_dim).svi_state
+    x, lengths = random_binary_batch(3, 6, 9, tiny_config.obs_dim, lengths=[9, 2, 5, 0, 7, 3])
+    update = jax.jit(partial(microbatched_update, svi, 3))
+    with pytest.raises(ValueError, match="real steps of each of the 3 micro-batches"):
+        update(state, x, lengths, 0.5, steps=real_steps(lengths, 9, 32))  # the whole batch's
+    grouped = grouped_real_steps(lengths, 9, 12, 3)
+    _, loss = update(state, x, lengths, 0.5, steps=grouped)
+    _, dense_loss = update(state, x, lengths, 0.5)
+    np.testing.assert_allclose(loss, dense_loss, rtol=1e-5)
+
+
 def test_update_step_passes_its_compiler_options_to_xla(tiny_config):
     # Every other UpdateStep test runs with dmm_jax's default options; here an unknown option
     # is refused by XLA's compiler, so the options do reach it.
