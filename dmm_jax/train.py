@@ -594,6 +594,8 @@ def train_epoch(
 
     def slots(indices, shape) -> int:  # real-step slots per micro-batch (0: scored densely)
         capacity = plan.get(shape[1], 0) if update.takes_real_steps(shape) else 0
+        if not capacity:
+            return 0
         groups = update.microbatches(shape)
         most = group_real_steps(data.lengths[indices], config.batch_size, groups).max()
         return capacity if most <= capacity else 0
