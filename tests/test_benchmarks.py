@@ -148,3 +148,18 @@ def test_lockstep_trains_both_implementations_alike_on_a_few_jsb_sequences(jsb_p
     records = json.loads(out.read_text())["per_update"]
     assert records[1]["dmm_jax"] < records[0]["dmm_jax"]  # it trained
     assert dmm_jax.distributions.step_noise is own_noise  # the noise hook is undone
+
+
+def test_early_training_counts_failed_spiked_and_finished_runs():
+    bench = load_benchmark("early_training")
+    runs = [
+        {"seed": 0, "losses": [60.0, 50.0, 40.0], "error": None},
+        {"seed": 1, "losses": [60.0, 2e5, 45.0], "error": None},  # spiked, recovered
+        {"seed": 2, "losses": [60.0], "error": "epoch 1: Expected parameter loc ..."},
+        {"seed": 3, "losses": [60.0, 55.0, 30.0], "error": None},
+    ]
+    summary = bench.summarize("impl", runs, epochs=3, spike=1e3)
+    assert summary["failed"] == [2] and summary["spiked_and_recovered"] == [1]
+    assert summary["finished"] == 3 and summary["median_final_loss"] == 40.0
+    table = bench.format_table([summary], epochs=3, spike=1e3)
+    assert "| impl | 4 | 1 [2] | 1 [1] | 3 | 40.00 |" in table.splitlines()
