@@ -56,15 +56,16 @@ def main(argv=None) -> None:
     model_config, train_config = DMMConfig(), TrainConfig(length_bucketing=True)
     svi = build_svi(model_config, train_config)
     capacity = real_step_plan(train, train_config)[args.length]
+    size = train_config.batch_size
     picked = []
     for epoch in range(8):
-        for indices in epoch_batches(jax.random.PRNGKey(epoch), train.lengths, 20, True):
-            full = len(indices) == 20 and train.lengths[indices].sum() <= capacity
-            if full and train.padded_shape(indices, 20)[1] == args.length:
+        for indices in epoch_batches(jax.random.PRNGKey(epoch), train.lengths, size, True):
+            full = len(indices) == size and train.lengths[indices].sum() <= capacity
+            if full and train.padded_shape(indices, size)[1] == args.length:
                 picked.append(indices)
     if len(picked) < args.batches:
         parser.error(f"only {len(picked)} full batches of {args.length} padded steps")
-    batches = [train.batch(indices, 20) for indices in picked[: args.batches]]
+    batches = [train.batch(indices, size) for indices in picked[: args.batches]]
     steps = [real_steps(lengths, args.length, capacity) for _, lengths in batches]
 
     options = compiler_options(jax.default_backend())
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
         },
     }
     print(
-        f"{args.batches} batches of 20 x {args.length} steps "
+        f"{args.batches} batches of {size} x {args.length} steps "
         f"(real steps {results['real_steps']}), {args.rounds} rounds:"
     )
     for name, r in results["variants"].items():
