@@ -12,11 +12,11 @@ measured in the same run (``floor_seconds``).
 
     python benchmarks/epoch_time.py --epochs 7 --out epoch_time.json
     python benchmarks/epoch_time.py --impls dmm_jax,dmm_jax_bucketed   # without the reference
-    python benchmarks/epoch_time.py --table-from epoch_time.json      # the README's table
+    python benchmarks/epoch_time.py --table-from epoch_time.json      # docs/PERFORMANCE.md's table
 
 On a GPU: `--reference-device cuda` runs the reference there too (its `--cuda`), and
 `--matmul-precision highest` keeps dmm_jax's float32 matmuls float32 (JAX's default lets a
-GPU use TF32); `benchmarks/gpu_check.sh` is the whole run on a lent GPU machine.
+GPU use TF32); `benchmarks/gpu_check.sh` is the whole run on a GPU machine.
 
 Needs `pip install -e .[bench]` for the reference (torch 2.13.0 CPU + pyro-ppl).
 """
@@ -99,7 +99,7 @@ def cpu_model() -> str:
 
 
 def minutes_for_5000_epochs(seconds_per_epoch: float) -> float:
-    """The reference's 5000 training epochs at this speed, in minutes (issue #3's GPU target)."""
+    """The reference's 5000 training epochs at this speed, in minutes (aim on a GPU: <= 10)."""
     return 5000 * seconds_per_epoch / 60
 
 

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue #3 in one run, for a session lent a GPU machine (the `device`
-# tool): dmm_jax and the PyTorch/Pyro reference on the same GPU, side by side, as
-# benchmarks/epoch_time.py does on the CPU, with the minutes 5000 epochs would take.
+# The GPU epoch-time measurement in one run: dmm_jax and the PyTorch/Pyro reference on the same
+# GPU, side by side, as benchmarks/epoch_time.py does on the CPU, with the minutes 5000 epochs
+# would take.
 #
-# That machine has no network and starts bare; its image has jax (CUDA), numpyro, flax, optax
-# and torch (CUDA), but not pyro-ppl, and ../shared does not travel. Prepare here, once, in the
-# repository root:
+# It is written for a GPU machine without network access that has jax (CUDA), numpyro, flax,
+# optax and torch (CUDA) installed, but not pyro-ppl. Prepare, once, in the repository root of
+# a machine that has the network and the JSB data file:
 #
 #   echo /.device/ >> .git/info/exclude
-#   mkdir -p .device/data .device/whl && cp ../shared/data/jsb_chorales.json .device/data/
+#   mkdir -p .device/data .device/whl && cp PATH/TO/jsb_chorales.json .device/data/
 #   pip download --no-deps -d .device/whl pyro-ppl==1.9.2 pyro-api==0.1.2 numpyro==0.22.0
 #
-# (pure Python wheels; numpyro as tested here, the image's being 0.21.0)
-#
-# then call the device tool's `run` with carry [".device"] and the command
-# `bash benchmarks/gpu_check.sh` (timeout_s 540). The JSON lands in $OUT.
+# (pure Python wheels; numpyro as tested, where the GPU image may have an older one), copy the
+# repository with .device/ to the GPU machine and run `OUT=DIR bash benchmarks/gpu_check.sh`
+# there. The JSON lands in $OUT.
 # EPOCHS, REFERENCE_DEVICE and OUT override the defaults (e.g. REFERENCE_DEVICE=cpu EPOCHS=3
 # OUT=/tmp/gpu_check try the script on a CPU machine).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Two candidates of issue #3, timed against the default update in one process.
+"""Two candidate speed-ups, timed against the default update in one process.
 
 - ``donated``: the default, ``UpdateStep`` (the state's buffers donated to the call);
 - ``no_donation``: the same update jitted without ``donate_argnums``;

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 from flax import serialization
 
-from dmm_jax.config import DMMConfig, TrainConfig, config_from_dict, config_to_dict
+from dmm_jax.config import TrainConfig, config_from_dict, config_to_dict
 from dmm_jax.files import atomic_write_bytes
+from dmm_jax.models import family_of, get_family
 
 CHECKPOINT_FILE = "checkpoint.msgpack"
 BEST_FILE = "best.msgpack"
@@ -37,7 +38,7 @@ def save_checkpoint(
     directory: str | os.PathLike,
     train_state: Any,
     *,
-    model_config: DMMConfig,
+    model_config: Any,
     train_config: TrainConfig,
     history: list[dict[str, Any]],
     metadata: dict[str, Any] | None = None,
@@ -52,6 +53,7 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
+        "model": family_of(model_config).name,
         "model_config": json.dumps(config_to_dict(model_config)),
         "train_config": json.dumps(config_to_dict(train_config)),
         "history": json.dumps(history),
@@ -82,8 +84,13 @@ def read_checkpoint(
         raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a dmm_jax checkpoint of format {FORMAT_VERSION}")
+    # Checkpoints written before there were several families hold a DMM and no "model" key.
+    try:
+        family = get_family(payload.get("model", "dmm"))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     return {
-        "model_config": config_from_dict(DMMConfig, json.loads(payload["model_config"])),
+        "model_config": config_from_dict(family.config_class, json.loads(payload["model_config"])),
         "train_config": config_from_dict(TrainConfig, json.loads(payload["train_config"])),
         "history": json.loads(payload["history"]),
         "metadata": json.loads(payload.get("metadata", "{}")),

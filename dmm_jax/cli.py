@@ -9,6 +9,7 @@ that a test or a notebook could not call directly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -23,14 +24,7 @@ from jax.sharding import Mesh
 
 from dmm_jax import distributed
 from dmm_jax.checkpoint import CheckpointError
-from dmm_jax.config import (
-    ANNEALING_SCHEDULES,
-    GUIDES,
-    KL_ESTIMATORS,
-    LR_SCHEDULES,
-    DMMConfig,
-    TrainConfig,
-)
+from dmm_jax.config import ANNEALING_SCHEDULES, KL_ESTIMATORS, LR_SCHEDULES, TrainConfig
 from dmm_jax.data import DATASETS, NUM_NOTES, DataError, load_dataset
 from dmm_jax.data.arrays import load_arrays
 from dmm_jax.data.batching import PaddedSequences
@@ -46,8 +40,8 @@ from dmm_jax.generate import (
     posterior_latents,
     sample_prior,
 )
+from dmm_jax.models import FAMILIES, get_family
 from dmm_jax.music import write_midi
-from dmm_jax.nn import EMISSION_NETS, EMISSION_SCALES, EMISSIONS, TRANSITIONS
 from dmm_jax.plots import (
     forecast_figure,
     piano_roll_figure,
@@ -59,7 +53,6 @@ from dmm_jax.plots import (
 from dmm_jax.runtime import retain_freed_memory
 from dmm_jax.train import fit, load_run
 
-_DEFAULT_MODEL = DMMConfig()
 _DEFAULT_TRAIN = TrainConfig()
 
 
@@ -136,6 +129,61 @@ def _is_arrays(data: str | None) -> bool:
     return data is not None and data.endswith(".npz")
 
 
+# Set from the data (or, custom_vjp, for tests), not from flags.
+_DATA_FIELDS = ("obs_dim", "input_dim", "use_dt", "custom_vjp")
+
+
+def _model_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every model config field of every family, by name: [(family, field), ...]."""
+    fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for family in FAMILIES.values():
+        for field in dataclasses.fields(family.config_class):
+            if field.name not in _DATA_FIELDS:
+                fields.setdefault(field.name, []).append((family.name, field))
+    return fields
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per model config field, written once in the config dataclasses: the help is
+    the field's ``metadata["help"]`` and the defaults of each family that has it. A flag left
+    out keeps the chosen family's default."""
+    group = parser.add_argument_group("model", "the model family and its settings")
+    group.add_argument(
+        "--model", choices=sorted(FAMILIES), default="dmm", help="model family (default: dmm)"
+    )
+    for name, owners in _model_fields().items():
+        helps = [f.metadata.get("help") for _, f in owners if f.metadata.get("help")]
+        defaults = ", ".join(f"{family} {f.default}" for family, f in owners)
+        text = (helps[0] + "; " if helps else "") + f"default: {defaults}"
+        flag = "--" + name.replace("_", "-")
+        if owners[0][1].type in ("bool", bool):
+            group.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(str(owners[0][1].type), str)
+            group.add_argument(flag, type=kind, default=None, help=text)
+
+
+def _model_flags_given(args: argparse.Namespace) -> dict:
+    """The model flags given on the command line; names those the ``--model`` family lacks."""
+    family = get_family(args.model)
+    names = {f.name for f in dataclasses.fields(family.config_class)}
+    given = {n: getattr(args, n) for n in _model_fields() if getattr(args, n, None) is not None}
+    foreign = sorted(set(given) - names)
+    if foreign:
+        flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        verb = "does" if len(foreign) == 1 else "do"
+        raise ValueError(f"{flags} {verb} not apply to --model {family.name}")
+    return given
+
+
+def model_config_from_args(args: argparse.Namespace, **from_data):
+    """The ``--model`` family's config: its defaults, the flags given, the data's sizes."""
+    config_class = get_family(args.model).config_class
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {k: v for k, v in from_data.items() if k in names}
+    return config_class(**values, **_model_flags_given(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmm-jax", description="Deep Markov Models in JAX.")
     parser.add_argument(
@@ -147,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a DMM by SVI (defaults: the reference's)")
+    train = sub.add_parser("train", help="train a model by SVI (DMM defaults: the reference's)")
     _add_data_flags(train, "jsb_chorales")
-    t, m = _DEFAULT_TRAIN, _DEFAULT_MODEL
+    t = _DEFAULT_TRAIN
     train.add_argument("--epochs", type=int, default=t.epochs)
     train.add_argument("--seed", type=int, default=t.seed)
     train.add_argument("--batch-size", type=int, default=t.batch_size)
@@ -208,33 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--eval-every", type=int, default=t.eval_every, help="0: only at the end")
     train.add_argument("--eval-samples", type=int, default=t.eval_samples)
-    train.add_argument("--z-dim", type=int, default=m.z_dim)
-    train.add_argument("--emission-dim", type=int, default=m.emission_dim)
-    train.add_argument("--transition-dim", type=int, default=m.transition_dim)
-    train.add_argument("--rnn-dim", type=int, default=m.rnn_dim)
-    train.add_argument("--rnn-cell", choices=("rnn", "gru", "lstm"), default=m.rnn_cell)
-    train.add_argument(
-        "--emission", choices=EMISSIONS, default=m.emission, help="gaussian: real-valued data"
-    )
-    train.add_argument("--emission-net", choices=EMISSION_NETS, default=m.emission_net)
-    train.add_argument("--emission-scale", choices=EMISSION_SCALES, default=m.emission_scale)
-    train.add_argument("--emission-scale-init", type=float, default=m.emission_scale_init)
-    train.add_argument("--transition", choices=TRANSITIONS, default=m.transition)
-    train.add_argument(
-        "--inputs-to-emission",
-        action="store_true",
-        help="the .npz data's inputs feed the emission too (they always feed the transition)",
-    )
-    train.add_argument(
-        "--guide", choices=GUIDES, default=m.guide, help="inference network (paper, Table 1)"
-    )
-    train.add_argument("--num-iafs", type=int, default=m.num_iafs, help="IAF layers on q(z_t)")
-    train.add_argument("--iaf-dim", type=int, default=m.iaf_dim, help="hidden units per IAF")
-    train.add_argument(
-        "--augmented",
-        action="store_true",
-        help="DMM-Aug (paper, Table 3): x_{t-1} also feeds the transition and the emission",
-    )
+    _add_model_flags(train)
     train.add_argument("--checkpoint-dir", default=None, help="atomic checkpoint after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
@@ -342,6 +364,7 @@ def _train(args: argparse.Namespace) -> int:
         )
         if train_config.kl == "analytic" and args.num_iafs:
             raise ValueError("--kl analytic is not available with --num-iafs > 0 (use sampled)")
+        _model_flags_given(args)  # names a flag of another family before any data is read
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
     mesh = _mesh(args)  # a multi-process run must join before anything touches a device
@@ -349,39 +372,22 @@ def _train(args: argparse.Namespace) -> int:
         dataset = load_arrays(args.data)
         train = dataset.train
         obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None
-        binary = np.all(np.isnan(train.x) | (train.x == 0) | (train.x == 1))
-        if args.emission == "bernoulli" and not binary:
-            raise SystemExit(
-                f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
-            )
+        binary = bool(np.all(np.isnan(train.x) | (train.x == 0) | (train.x == 1)))
         metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
     else:
         dataset = load_dataset(args.dataset, args.data)
-        obs_dim, input_dim, use_dt = _DEFAULT_MODEL.obs_dim, 0, False
+        obs_dim, input_dim, use_dt, binary = NUM_NOTES, 0, False, None
         metadata = {"dataset": dataset.name}
     try:
-        model_config = DMMConfig(
-            obs_dim=obs_dim,
-            z_dim=args.z_dim,
-            emission_dim=args.emission_dim,
-            transition_dim=args.transition_dim,
-            rnn_dim=args.rnn_dim,
-            rnn_cell=args.rnn_cell,
-            emission=args.emission,
-            emission_net=args.emission_net,
-            emission_scale=args.emission_scale,
-            emission_scale_init=args.emission_scale_init,
-            transition=args.transition,
-            input_dim=input_dim,
-            inputs_to_emission=args.inputs_to_emission,
-            use_dt=use_dt,
-            guide=args.guide,
-            num_iafs=args.num_iafs,
-            iaf_dim=args.iaf_dim,
-            augmented=args.augmented,
+        model_config = model_config_from_args(
+            args, obs_dim=obs_dim, input_dim=input_dim, use_dt=use_dt
         )
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
+    if binary is not None and model_config.emission == "bernoulli" and not binary:
+        raise SystemExit(
+            f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
+        )
     lead = jax.process_index() == 0  # in a multi-process run, only process 0 prints
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     if lead:

@@ -19,44 +19,50 @@ LR_SCHEDULES = ("exponential", "constant", "cosine")
 ANNEALING_SCHEDULES = ("linear", "cosine")
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its command-line help (``dmm-jax train`` derives its flags)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class DMMConfig:
     """Sizes and choices of the networks."""
 
-    obs_dim: int = 88
-    z_dim: int = 100
-    emission_dim: int = 100
-    transition_dim: int = 200
-    rnn_dim: int = 600
-    rnn_cell: str = "rnn"
+    obs_dim: int = option(88, "observation dims per step (from the data)")
+    z_dim: int = option(100, "latent dims")
+    emission_dim: int = option(100, "hidden units of the emission network")
+    transition_dim: int = option(200, "hidden units of the gated transition")
+    rnn_dim: int = option(600, "hidden units of the inference RNN")
+    rnn_cell: str = option("rnn", f"inference RNN cell, one of {RNN_CELLS}")
     # Hand-written backward passes for the two recurrences (same values and gradients as
     # autodiff, faster); False falls back to autodiff of plain scans.
     custom_vjp: bool = True
-    # Observations: "bernoulli" (0/1, the reference's) or "gaussian" (real-valued, diagonal).
-    emission: str = "bernoulli"
-    # The emission's mean network: "mlp" (the reference's two hidden layers) or "linear"
-    # (x_t = H z_t + d, Gaussian only: a linear-Gaussian model can then hold its true parameters).
-    emission_net: str = "mlp"
-    # Gaussian emission scale: "learned" (one per dimension), "predicted" (from z_t) or "fixed".
-    emission_scale: str = "learned"
-    emission_scale_init: float = 1.0  # the fixed scale, or where the learned one starts
-    transition: str = "gated"  # "gated" (the reference's) or "linear": z_t = A z_{t-1} + B c_t + b
+    emission: str = option(
+        "bernoulli", f"observation model, one of {EMISSIONS} (gaussian: real values)"
+    )
+    emission_net: str = option(
+        "mlp", "emission mean: mlp (two hidden layers) or linear (x_t = H z_t + d, gaussian only)"
+    )
+    emission_scale: str = option("learned", f"gaussian emission scale, one of {EMISSION_SCALES}")
+    emission_scale_init: float = option(1.0, "the fixed gaussian scale, or where it starts")
+    transition: str = option(
+        "gated", "gated (the reference's) or linear: z_t = A z_{t-1} + B c_t + b"
+    )
     # Control inputs u [B, T, input_dim] (0: none) feed the transition, and the emission too
     # with inputs_to_emission; use_dt feeds the time gaps dt [B, T] to the transition.
     input_dim: int = 0
-    inputs_to_emission: bool = False
+    inputs_to_emission: bool = option(False, "the data's inputs also feed the emission")
     use_dt: bool = False
-    # The inference network (see GUIDES); "st-r" is the reference's (DKS).
-    guide: str = "st-r"
-    # Inverse autoregressive flows on every q(z_t | ...), each a MADE with iaf_dim hidden units
-    # (the reference's num_iafs / iaf_dim).
-    num_iafs: int = 0
-    iaf_dim: int = 50
+    guide: str = option("st-r", f"inference network (paper, Table 1), one of {GUIDES}")
+    num_iafs: int = option(0, "inverse autoregressive flows on every q(z_t)")
+    iaf_dim: int = option(50, "hidden units of each flow's MADE")
     # DMM-Aug (Krishnan et al. 2017, Table 3): the previous observation x_{t-1} (zeros before
     # the first step) joins the inputs of the transition's gate and proposed mean and of the
     # emission network, i.e. edges x_{t-1} -> z_t and x_{t-1} -> x_t (the authors' code calls
     # these use_prev_input and the "conditional" emission). The guide is unchanged.
-    augmented: bool = False
+    augmented: bool = option(
+        False, "DMM-Aug (paper, Table 3): x_{t-1} also feeds the transition and the emission"
+    )
 
     def __post_init__(self):
         for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim", "iaf_dim"):

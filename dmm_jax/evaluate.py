@@ -16,26 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from numpyro import handlers
 
 from dmm_jax import distributed
-from dmm_jax.config import DMMConfig
 from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import PaddedSequences, balanced_batch_size, sorted_batches
-from dmm_jax.model import guide, model
+from dmm_jax.models import family_of
+from dmm_jax.objectives import scaled_log_prob, trace_guide_and_model
 
 Array = jax.Array
 Params = dict
-
-
-def _scaled_log_prob(site: dict) -> Array:
-    """A sample site's log density per sequence, [B], times its handler scale."""
-    fn = site["fn"]
-    if site["intermediates"]:
-        log_prob = fn.log_prob(site["value"], site["intermediates"])
-    else:
-        log_prob = fn.log_prob(site["value"])
-    return log_prob if site["scale"] is None else site["scale"] * log_prob
 
 
 def elbo_per_sequence(
@@ -43,7 +32,7 @@ def elbo_per_sequence(
     key: Array,
     x: Array,
     lengths: Array,
-    config: DMMConfig,
+    config,
     annealing_factor: Array | float = 1.0,
     *,
     inputs: Array | None = None,
@@ -55,25 +44,20 @@ def elbo_per_sequence(
     Uses the same key convention as NumPyro's Trace_ELBO (the guide is seeded with the second
     half of ``split(key)``), so ``-sum(elbo_per_sequence(...))`` equals ``Trace_ELBO().loss``
     for the same key. Padded rows (length 0) give exactly 0. ``inputs``, ``dt`` and
-    ``obs_mask`` go to model and guide (see ``dmm_jax.model``).
+    ``obs_mask`` go to model and guide (see ``dmm_jax.models.dmm``).
     """
-    _, guide_key = jax.random.split(key)
     covariates = {"inputs": inputs, "dt": dt, "obs_mask": obs_mask}
     kwargs = {"config": config, **{k: v for k, v in covariates.items() if v is not None}}
-    args = (x, lengths, annealing_factor)
-    seeded_guide = handlers.seed(handlers.substitute(guide, data=params), guide_key)
-    guide_trace = handlers.trace(seeded_guide).get_trace(*args, **kwargs)
-    replayed = handlers.replay(handlers.substitute(model, data=params), guide_trace)
-    model_trace = handlers.trace(replayed).get_trace(*args, **kwargs)
-
-    log_p = sum(_scaled_log_prob(s) for s in model_trace.values() if s["type"] == "sample")
-    log_q = sum(_scaled_log_prob(s) for s in guide_trace.values() if s["type"] == "sample")
+    family = family_of(config)
+    guide_trace, model_trace = trace_guide_and_model(
+        params, key, family.model, family.guide, x, lengths, annealing_factor, **kwargs
+    )
+    log_p = sum(scaled_log_prob(s) for s in model_trace.values() if s["type"] == "sample")
+    log_q = sum(scaled_log_prob(s) for s in guide_trace.values() if s["type"] == "sample")
     return log_p - log_q
 
 
-def _log_weights(
-    params: Params, keys: Array, x: Array, lengths: Array, config: DMMConfig, covariates: dict
-):
+def _log_weights(params: Params, keys: Array, x: Array, lengths: Array, config, covariates: dict):
     """log p(x, z_s) - log q(z_s | x) for one guide draw z_s per key: [S, B]."""
     return jax.vmap(lambda k: elbo_per_sequence(params, k, x, lengths, config, **covariates))(keys)
 
@@ -147,7 +131,7 @@ def evaluate_split(
     params: Params,
     key: Array,
     sequences: Sequence[np.ndarray] | PaddedSequences | SequenceArrays,
-    config: DMMConfig,
+    config,
     *,
     num_samples: int = 1,
     estimator: str = "elbo",

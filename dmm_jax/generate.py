@@ -1,11 +1,10 @@
-"""Using a trained DMM: sample from the prior, forecast a prefix, infer latents, fill gaps.
+"""Using a trained model: sample from the prior, forecast a prefix, infer latents, fill gaps.
 
-Plain functions of (params, key, data, config); ``params`` is what ``fit`` or ``load_run``
-returns. Shapes follow ``dmm_jax.nn``: N sequences, T steps, X observation dim, Z latent dim,
-S draws; batch-major, ``lengths`` [N] marks the real steps of each padded sequence.
-
-The emission p(x_t | z_t) appears in this module only through ``emission_mean``,
-``emission_sample`` and ``emission_log_prob``, so another emission family changes those three.
+Plain functions of (params, key, data, config) for every model family: each goes through the
+family's guide (``dmm_jax.models``) and its generation hooks, so the same call serves a DMM
+and a VRNN. ``params`` is what ``fit`` or ``load_run`` returns. Shapes: N sequences, T steps,
+X observation dim, Z latent dim, S draws; batch-major, ``lengths`` [N] marks the real steps
+of each padded sequence. Forecast scoring and imputation are for 0/1 (Bernoulli) data.
 """
 
 from __future__ import annotations
@@ -18,96 +17,43 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-from dmm_jax.config import DMMConfig
 from dmm_jax.data.batching import PaddedSequences, sorted_batches
-from dmm_jax.distributions import MarkovGaussianChain
-from dmm_jax.model import guide, sequence_mask
-from dmm_jax.nn import BernoulliEmitter, GatedTransition
+from dmm_jax.emissions import emission_mean, emission_sample
+from dmm_jax.models import family_of
+from dmm_jax.models.common import sequence_mask
 
 Array = jax.Array
 
 
-# ----------------------------------------------------------------------------- emission
-
-
-def emission_mean(logits: Array) -> Array:
-    """E[x_t | z_t] from the emitter's output: for Bernoulli notes, P(x_ti = 1) = sigmoid."""
-    return jax.nn.sigmoid(logits)
-
-
-def emission_sample(key: Array, logits: Array) -> Array:
-    """x_t ~ p(x_t | z_t), as uint8 0/1 piano-roll entries."""
-    return jax.random.bernoulli(key, emission_mean(logits)).astype(jnp.uint8)
-
-
 def emission_log_prob(logits: Array, x: Array) -> Array:
-    """log p(x_ti | z_t) per entry, from logits so that saturated notes never give log(0)."""
+    """log p(x_ti | ...) per entry of a Bernoulli emission, from logits so that saturated notes
+    never give log(0)."""
     return x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits)
 
 
-# ----------------------------------------------------------------------------- networks
+def _generation(config):
+    family = family_of(config)
+    if family.generation is None:
+        raise NotImplementedError(f"the {family.name} family cannot generate")
+    return family.generation
 
 
-def _networks(params: dict, config: DMMConfig):
-    if config.emission != "bernoulli" or config.transition != "gated" or config.covariate_dim:
-        raise NotImplementedError(
-            "dmm_jax.generate samples and forecasts Bernoulli models with the gated transition "
-            "and no inputs or time gaps only"
-        )
-    transition = functools.partial(
-        GatedTransition(config.z_dim, config.transition_dim).apply,
-        {"params": params["transition$params"]},
-    )
-    emitter = functools.partial(
-        BernoulliEmitter(config.obs_dim, config.emission_dim).apply,
-        {"params": params["emitter$params"]},
-    )
-    return transition, emitter
-
-
-def _guide_latents(params: dict, key: Array, x: Array, lengths: Array, config: DMMConfig):
+def _guide_latents(params: dict, key: Array, x: Array, lengths: Array, config):
     """One trajectory z ~ q(z_{1:T} | x_{1:T}) per sequence, [N, T, Z]."""
-    seeded = handlers.seed(handlers.substitute(guide, data=params), key)
+    seeded = handlers.seed(handlers.substitute(family_of(config).guide, data=params), key)
     return handlers.trace(seeded).get_trace(x, lengths, config=config)["z"]["value"]
 
 
-def _roll_out(params, key, config, z_start, num_steps, x_start=None):
-    """z_{1:T} from the prior chain started at z_start [N, Z]; then x ~ p(x | z).
-
-    DMM-Aug feeds each drawn x_t back into step t+1, so z and x are drawn together in one
-    scan, starting from the observation ``x_start`` [N, X] (zeros: the model's x_0).
-    """
-    transition, emitter = _networks(params, config)
-    if config.augmented:
-        return _roll_out_augmented(transition, emitter, key, config, z_start, num_steps, x_start)
-    z_key, x_key = jax.random.split(key)
-    z = MarkovGaussianChain(transition, z_start, z_start.shape[0], num_steps).sample(z_key)
-    logits = emitter(z)
-    return {
-        "z": z,
-        "logits": logits,
-        "probs": emission_mean(logits),
-        "x": emission_sample(x_key, logits),
-    }
-
-
-def _roll_out_augmented(transition, emitter, key, config, z_start, num_steps, x_start):
-    if x_start is None:
-        x_start = jnp.zeros((z_start.shape[0], config.obs_dim), jnp.float32)
-
-    def step(carry, key):
-        z_prev, x_prev = carry
-        z_key, x_key = jax.random.split(key)
-        loc, scale = transition(z_prev, x_prev)
-        z = loc + scale * jax.random.normal(z_key, loc.shape, loc.dtype)
-        logits = emitter(jnp.concatenate([z, x_prev], axis=-1))
-        x = emission_sample(x_key, logits)
-        return (z, x.astype(x_prev.dtype)), (z, logits, x)
-
-    keys = jax.random.split(key, num_steps)
-    _, (z, logits, x) = jax.lax.scan(step, (z_start, x_start.astype(jnp.float32)), keys)
-    z, logits, x = (jnp.swapaxes(a, 0, 1) for a in (z, logits, x))  # time-major -> [N, T, ...]
-    return {"z": z, "logits": logits, "probs": emission_mean(logits), "x": x}
+def _described(config, draws: dict) -> dict:
+    """Adds the emission's mean (``probs`` for notes, ``mean`` otherwise) and, for notes,
+    ``logits``; 0/1 draws as uint8 piano-roll entries."""
+    kind = _generation(config).emission(config)
+    mean = emission_mean(kind, draws["emission"])
+    if kind != "bernoulli":
+        return {**draws, "mean": mean}
+    out = {**draws, "logits": draws["emission"][0], "probs": mean}
+    out["x"] = draws["x"].astype(jnp.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------- prior
@@ -115,14 +61,14 @@ def _roll_out_augmented(transition, emitter, key, config, z_start, num_steps, x_
 
 @functools.partial(jax.jit, static_argnames=("config", "num_sequences", "num_steps"))
 def sample_prior(
-    params: dict, key: Array, config: DMMConfig, num_sequences: int, num_steps: int
+    params: dict, key: Array, config, num_sequences: int, num_steps: int
 ) -> dict[str, Array]:
-    """Draws N sequences of T steps from p(x, z): z [N, T, Z]; logits, probs, x [N, T, X].
-
-    The same key gives the same sequences.
-    """
-    z_0 = jnp.broadcast_to(params["z_0"], (num_sequences, config.z_dim))
-    return _roll_out(params, key, config, z_0, num_steps)
+    """Draws N sequences of T steps from p(x, z): z [N, T, Z], x [N, T, X], ``emission`` (the
+    emission's parameters) and its mean: ``logits`` and ``probs`` [N, T, X] for notes,
+    ``mean`` otherwise. The same key gives the same sequences."""
+    gen = _generation(config)
+    state = gen.start(params, config, num_sequences)
+    return _described(config, gen.roll_out(params, key, config, state, num_steps))
 
 
 # ----------------------------------------------------------------------------- forecasting
@@ -134,34 +80,32 @@ def forecast(
     key: Array,
     x_prefix: Array,
     prefix_lengths: Array,
-    config: DMMConfig,
+    config,
     horizon: int,
     num_samples: int = 1,
 ) -> dict[str, Array]:
     """Continues each prefix x_{1:k} for ``horizon`` steps.
 
-    z_k is drawn from the guide run over the prefix only (so h_t summarises x_{t:k}), then the
-    transition is rolled forward and x emitted. Returns, with S = num_samples draws:
-    ``logits`` and ``probs`` [S, N, horizon, X] (per-step note probabilities), ``x`` samples
-    [S, N, horizon, X], and ``mean_probs`` [N, horizon, X] (the predictive marginals).
-    Horizon 0 gives empty arrays: nothing new.
+    The latents of the prefix are drawn from the guide run over the prefix only, the model's
+    state after step k follows from them, and the model is rolled forward from there. Returns,
+    with S = num_samples draws, ``x`` samples [S, N, horizon, X] and the emission's parameters
+    and mean per draw (for notes: ``logits`` and ``probs`` [S, N, horizon, X] and
+    ``mean_probs`` [N, horizon, X], the predictive marginals; otherwise ``mean`` and
+    ``mean_of_draws``). Horizon 0 gives empty arrays: nothing new.
     """
+    gen = _generation(config)
 
     def one(key):
         guide_key, roll_key = jax.random.split(key)
         z = _guide_latents(params, guide_key, x_prefix, prefix_lengths, config)
-        last_step = (prefix_lengths - 1)[:, None, None]
-        last = jnp.take_along_axis(z, last_step, axis=1)[:, 0]
-        # An empty prefix starts from the prior's z_0 (and, for DMM-Aug, x_0 = 0).
-        started = (prefix_lengths > 0)[:, None]
-        z_start = jnp.where(started, last, params["z_0"])
-        x_last = jnp.take_along_axis(x_prefix, jnp.maximum(last_step, 0), axis=1)[:, 0]
-        x_start = jnp.where(started, x_last, 0.0)
-        return _roll_out(params, roll_key, config, z_start, horizon, x_start)
+        state = gen.state_after(params, z, x_prefix, prefix_lengths, config)
+        return gen.roll_out(params, roll_key, config, state, horizon)
 
-    draws = jax.vmap(one)(jax.random.split(key, num_samples))
+    draws = _described(config, jax.vmap(one)(jax.random.split(key, num_samples)))
     draws.pop("z")
-    return {**draws, "mean_probs": draws["probs"].mean(0)}
+    if "probs" in draws:
+        return {**draws, "mean_probs": draws["probs"].mean(0)}
+    return {**draws, "mean_of_draws": draws["mean"].mean(0)}
 
 
 def forecast_log_likelihood(logits: Array, x_future: Array, lengths: Array) -> Array:
@@ -203,7 +147,7 @@ def forecast_split(
     params: dict,
     key: Array,
     sequences: Sequence[np.ndarray],
-    config: DMMConfig,
+    config,
     *,
     prefix_length: int,
     horizon: int,
@@ -304,7 +248,7 @@ def posterior_latents(
     key: Array,
     x: Array,
     lengths: Array,
-    config: DMMConfig,
+    config,
     num_samples: int = 100,
     quantiles: tuple[float, ...] = (0.05, 0.5, 0.95),
 ) -> dict[str, Array]:
@@ -339,7 +283,7 @@ def impute(
     x: Array,
     lengths: Array,
     missing: Array,
-    config: DMMConfig,
+    config,
     num_iterations: int = 20,
 ) -> dict[str, Array]:
     """Fills the entries of ``x`` [N, T, X] marked True in ``missing`` [N, T, X], given the rest.
@@ -361,19 +305,19 @@ def impute(
     """
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    if config.augmented:
-        # Redrawing x_t from p(x_t | z_t, x_{t-1}) alone would ignore x_t's effect on step t+1.
-        raise NotImplementedError("impute does not support DMM-Aug (config.augmented) models")
-    _, emitter = _networks(params, config)
+    gen = _generation(config)
+    if gen.emission(config) != "bernoulli":
+        raise NotImplementedError("impute fills 0/1 (Bernoulli) data only")
     missing = missing & sequence_mask(lengths, x.shape[1])[..., None]
     start = jnp.where(missing, jnp.zeros_like(x), x)
 
     def step(filled, key):
         z_key, x_key = jax.random.split(key)
-        logits = emitter(_guide_latents(params, z_key, filled, lengths, config))
-        drawn = emission_sample(x_key, logits).astype(x.dtype)
-        scores = emission_log_prob(logits, x.astype(logits.dtype))
-        return jnp.where(missing, drawn, x), (emission_mean(logits), scores)
+        z = _guide_latents(params, z_key, filled, lengths, config)
+        decoded = gen.emission_params(params, z, filled, lengths, config)
+        drawn = emission_sample("bernoulli", x_key, decoded).astype(x.dtype)
+        scores = emission_log_prob(decoded[0], x.astype(decoded[0].dtype))
+        return jnp.where(missing, drawn, x), (emission_mean("bernoulli", decoded), scores)
 
     keys = jax.random.split(key, num_iterations)
     filled, (means, scores) = jax.lax.scan(step, start, keys)
@@ -410,7 +354,7 @@ def impute_split(
     params: dict,
     key: Array,
     sequences: Sequence[np.ndarray],
-    config: DMMConfig,
+    config,
     *,
     frequencies: np.ndarray,
     fraction: float = 0.0,
@@ -429,7 +373,7 @@ def impute_split(
         raise ValueError("nothing to impute: give a fraction > 0 or a gap")
     data = PaddedSequences([np.asarray(s) for s in sequences])
     baseline_logits = frequency_baseline_logits(frequencies)[0]
-    baseline_probs = emission_mean(baseline_logits)
+    baseline_probs = jax.nn.sigmoid(baseline_logits)
     sums = {"model_ll": 0.0, "baseline_ll": 0.0, "model_hits": 0, "baseline_hits": 0}
     hidden = 0
     for i, indices in enumerate(sorted_batches(data.lengths, batch_size)):

@@ -5,7 +5,7 @@ Shape vocabulary, used in every module of the package (batch-major throughout):
     Z = latent dim, H = inference-RNN hidden dim.
 
 The modules hold parameters and compute distribution parameters; they know nothing of
-sampling or of NumPyro. ``dmm_jax.model`` wires them into a model/guide pair.
+sampling or of NumPyro. ``dmm_jax.models.dmm`` wires them into a model/guide pair.
 
 Every dense layer is initialised as PyTorch's ``nn.Linear`` (uniform in +-1/sqrt(fan_in) for
 weight and bias), so the reference's hyperparameters mean the same thing here.
@@ -326,7 +326,7 @@ class BackwardEncoder(nn.Module):
             num_steps = active_steps(mask)
             states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh, num_steps, rows)
             return jnp.swapaxes(states, 0, 1)
-        step_fn = {"rnn": _rnn_step, "gru": _gru_step, "lstm": _lstm_step}[self.cell]
+        step_fn = {"rnn": rnn_step, "gru": gru_step, "lstm": lstm_step}[self.cell]
         num_steps = active_steps(mask)
 
         def output(carry):
@@ -464,11 +464,11 @@ class InverseAutoregressiveFlow(nn.Module):
         return z, log_det
 
 
-def _rnn_step(h, xp, w_hh, b_hh):
+def rnn_step(h, xp, w_hh, b_hh):
     return nn.relu(xp + h @ w_hh + b_hh)
 
 
-def _gru_step(h, xp, w_hh, b_hh):
+def gru_step(h, xp, w_hh, b_hh):
     hp = h @ w_hh + b_hh
     x_r, x_z, x_n = jnp.split(xp, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(hp, 3, axis=-1)
@@ -478,7 +478,7 @@ def _gru_step(h, xp, w_hh, b_hh):
     return (1.0 - z) * n + z * h
 
 
-def _lstm_step(carry, xp, w_hh, b_hh):
+def lstm_step(carry, xp, w_hh, b_hh):
     h, c = carry
     i, f, g, o = jnp.split(xp + h @ w_hh + b_hh, 4, axis=-1)
     c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)

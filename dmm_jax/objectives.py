@@ -54,6 +54,11 @@ def _log_prob(site: dict) -> Array:
     return site["fn"].log_prob(site["value"])
 
 
+def scaled_log_prob(site: dict) -> Array:
+    """A sample site's log density per sequence, [B], times its handler scale."""
+    return _scaled(site, _log_prob(site))
+
+
 def analytic_kl_elbo(guide_trace: Trace, model_trace: Trace) -> Array:
     """ELBO per plate element ([B]) with closed-form KLs.
 

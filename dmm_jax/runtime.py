@@ -15,7 +15,7 @@ peak of ``dmm-jax evaluate`` (1.4 GB resident without it, 1.8-2.4 GB with it, fo
 importance-sampled JSB evaluation), so ``dmm-jax`` applies it to ``train`` only.
 
 The one arena costs compile time: compiling the three shapes of a bucketed JSB run took
-14.4-14.5 s with these settings and 11.5-11.9 s without (tenth session, fresh processes);
+14.4-14.5 s with these settings and 11.5-11.9 s without (2-core Intel Xeon, 2026-12-03);
 the arena limit alone makes that difference, presumably because XLA's compile threads then
 contend for one heap's lock. Applying them only after compiling does not work: the threads
 that run the step have arenas of their own by then, and an update of a 144-step batch
@@ -29,7 +29,7 @@ unvectorized: LLVM guards the vector loop with a runtime overlap check that in-p
 operands fail. ``dmm_jax.scans`` keeps the one such kernel found to matter (the tanh in the
 guide's sampling loop) off its input's buffer; since then, the four loops run as fast with
 these emitters as with the fusion emitters, and three bucketed updates took the same time
-with either (min of 40, alternating in one process: 583 and 578 ms on a slow VM).
+with either (min of 40, alternating in one process: 583 and 578 ms on a 2-core Xeon).
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def retain_freed_memory() -> bool:
     )
 
 
-# Measured on 2-core Intel Xeon VMs. Eighth session, one JSB update (20 x 96 steps, real-step
+# Measured on 2-core Intel Xeon machines, 2026-12-03. One JSB update (20 x 96 steps, real-step
 # rows), three alternating runs each: 6.6-7.8 s to compile instead of 11.2-15.3 s, 103-138 ms
-# per update against 112-148 ms. Ninth session, three bucketed updates alternating in one
+# per update against 112-148 ms. Three bucketed updates alternating in one
 # process: 17.3 s to compile instead of 33.5 s, 344 ms against 329 ms (min of 40).
 _CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 

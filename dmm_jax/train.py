@@ -55,7 +55,7 @@ from dmm_jax.data.batching import (
     real_step_capacities,
 )
 from dmm_jax.evaluate import evaluate_split
-from dmm_jax.model import example_covariates, guide, model
+from dmm_jax.models import family_of
 from dmm_jax.objectives import AnalyticKLTraceELBO
 from dmm_jax.real_steps import grouped_real_steps, real_steps
 from dmm_jax.runtime import compiler_options as default_compiler_options
@@ -160,18 +160,20 @@ class TrainState(NamedTuple):
     eval_key: Array
 
 
-def build_svi(model_config: DMMConfig, train_config: TrainConfig, steps_per_epoch: int = 1) -> SVI:
-    """NumPyro SVI over the DMM model/guide with ClippedAdam and Trace_ELBO (``kl="sampled"``)
-    or the closed-form-KL ELBO (``kl="analytic"``). ``steps_per_epoch`` sets the length of a
-    cosine learning-rate schedule (``fit`` passes the real number)."""
-    if train_config.kl == "analytic" and model_config.num_iafs:
+def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int = 1) -> SVI:
+    """NumPyro SVI over the model/guide of ``model_config``'s family (``dmm_jax.models``) with
+    ClippedAdam and Trace_ELBO (``kl="sampled"``) or the closed-form-KL ELBO
+    (``kl="analytic"``). ``steps_per_epoch`` sets the length of a cosine learning-rate
+    schedule (``fit`` passes the real number)."""
+    if train_config.kl == "analytic" and getattr(model_config, "num_iafs", 0):
         raise ValueError(
             "TrainConfig.kl='analytic' needs Gaussian guide steps: not available with "
             f"DMMConfig.num_iafs={model_config.num_iafs}; use kl='sampled'"
         )
+    family = family_of(model_config)
     return SVI(
-        functools.partial(model, config=model_config),
-        functools.partial(guide, config=model_config),
+        functools.partial(family.model, config=model_config),
+        functools.partial(family.guide, config=model_config),
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
         AnalyticKLTraceELBO() if train_config.kl == "analytic" else Trace_ELBO(),
     )
@@ -183,7 +185,7 @@ def init_train_state(
     """Initial parameters and optimizer state from ``seed`` (shape-independent).
 
     ``covariates``: example ``inputs``/``dt`` when the model takes them
-    (``dmm_jax.model.example_covariates``).
+    (``dmm_jax.models.common.example_covariates``).
     """
     svi_key, data_key, eval_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jnp.zeros((1, 1, obs_dim), jnp.float32)
@@ -458,7 +460,7 @@ def real_step_plan(
 class LoadedRun(NamedTuple):
     params: dict[str, Any]
     state: TrainState
-    model_config: DMMConfig
+    model_config: Any  # DMMConfig, VRNNConfig, ...: see dmm_jax.models
     train_config: TrainConfig
     history: list[dict[str, Any]]
     metadata: dict[str, Any]
@@ -473,9 +475,8 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
     saved = read_checkpoint(checkpoint_dir, BEST_FILE if best else CHECKPOINT_FILE)
     svi = build_svi(saved["model_config"], saved["train_config"])
     model_config = saved["model_config"]
-    template = init_train_state(
-        svi, saved["train_config"].seed, model_config.obs_dim, example_covariates(model_config)
-    )
+    covariates = family_of(model_config).example_covariates(model_config)
+    template = init_train_state(svi, saved["train_config"].seed, model_config.obs_dim, covariates)
     state = _restore_train_state(template, saved)
     return LoadedRun(
         svi.get_params(state.svi_state),
@@ -687,9 +688,8 @@ def fit(
     }
     steps_per_epoch = math.ceil(len(train_data) / train_config.batch_size)
     svi = build_svi(model_config, train_config, steps_per_epoch)
-    state = init_train_state(
-        svi, train_config.seed, model_config.obs_dim, example_covariates(model_config)
-    )
+    covariates = family_of(model_config).example_covariates(model_config)
+    state = init_train_state(svi, train_config.seed, model_config.obs_dim, covariates)
     history: list[dict[str, Any]] = []
 
     if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 The JSB Chorales file is found through ``$DMM_JAX_DATA_DIR`` (CI sets it to
-/work/shared/data, which holds ``jsb_chorales.json``); tests that need it skip, saying why,
+a directory that holds ``jsb_chorales.json``); tests that need it skip, saying why,
 when it is not there.
 """
 
@@ -19,7 +19,8 @@ os.environ.setdefault("DMM_JAX_COMPILE_CACHE", "none")
 
 # Most of the suite's time is compiling small programs that then run a few steps. LLVM at -O0
 # compiles them in about a third less time (the whole suite: 417 s instead of 656 s on a
-# 2-core VM); the programs XLA builds are the same, only their machine code is less optimised.
+# 2-core Intel Xeon, 2026-12-03); the programs XLA builds are the same, only their machine
+# code is less optimised.
 # Read when the CPU backend starts (after this), and inherited by the suite's subprocesses.
 # An optimisation level already in XLA_FLAGS wins.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -80,7 +81,7 @@ def init_params(config, seed: int = 0):
     """Parameters of the model and guide for ``config``, initialised as the SVI would."""
     from numpyro import handlers
 
-    from dmm_jax.model import guide, model
+    from dmm_jax.models.dmm import guide, model
 
     x, lengths = random_binary_batch(seed, 2, 3, config.obs_dim)
     params = {}

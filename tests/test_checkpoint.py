@@ -29,7 +29,7 @@ def test_checkpoint_with_per_array_adam_moments_still_loads(tiny_config, tmp_pat
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.optim import optax_to_numpyro
 
-    from dmm_jax.model import guide, model
+    from dmm_jax.models.dmm import guide, model
     from dmm_jax.train import (
         TrainState,
         learning_rate_schedule,

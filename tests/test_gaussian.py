@@ -19,7 +19,8 @@ from dmm_jax.config import DMMConfig
 from dmm_jax.data.synthetic import linear_gaussian_ssm, sample_linear_gaussian
 from dmm_jax.evaluate import elbo_per_sequence, evaluate_split
 from dmm_jax.kalman import dmm_params, kalman_log_likelihood
-from dmm_jax.model import example_covariates, guide, model
+from dmm_jax.models.common import example_covariates
+from dmm_jax.models.dmm import guide, model
 from dmm_jax.nn import GaussianEmitter
 
 RTOL = 1e-5
@@ -145,7 +146,7 @@ def _fit_guide_only(params, config, data, steps):
 
 
 def test_elbo_bounds_kalman_likelihood_and_importance_sampling_reaches_it(linear_setup):
-    """Issue 5, item 5: T = 50, state 2, observations 3; at S = 1000 the importance-sampled
+    """T = 50, state 2, observations 3; at S = 1000 the importance-sampled
     NLL is within 0.05 nats per step of the exact one, and the bound is never below it.
 
     The guide is trained (400 Adam steps, the model held at the truth); it is not exact, so
@@ -186,7 +187,7 @@ def test_example_covariates_initialise_a_model_with_inputs_and_gaps():
 
 
 def test_importance_sampling_is_exact_when_the_guide_is_the_exact_posterior():
-    """Issue 4: one step of a linear-Gaussian model, z_1 ~ N(A z_0 + b, Q), x_1 ~ N(H z_1 + d, R),
+    """One step of a linear-Gaussian model, z_1 ~ N(A z_0 + b, Q), x_1 ~ N(H z_1 + d, R),
     with diagonal Q, R and H^T R^-1 H, so the posterior N(mu(x), P) has a diagonal P and a mean
     linear in x. The ST-R guide holds it exactly: the ReLU RNN is the identity plus a large
     bias (never clipped), tanh(W_z z + b_z) is 0, and the scale does not depend on h. Every

@@ -13,7 +13,7 @@ from numpyro import handlers
 from scipy import stats
 
 from dmm_jax.config import GUIDES, DMMConfig, TrainConfig
-from dmm_jax.model import guide
+from dmm_jax.models.dmm import guide
 from dmm_jax.nn import InverseAutoregressiveFlow
 from dmm_jax.train import UpdateStep, build_svi, init_train_state
 

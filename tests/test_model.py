@@ -13,7 +13,7 @@ from numpyro.infer import Trace_ELBO
 from scipy import stats
 
 from dmm_jax.evaluate import elbo_per_sequence
-from dmm_jax.model import guide, model
+from dmm_jax.models.dmm import guide, model
 from dmm_jax.nn import BernoulliEmitter, GatedTransition
 
 RTOL = 1e-5

@@ -9,7 +9,7 @@ import numpy as np
 from conftest import init_params, random_binary_batch
 
 from dmm_jax.evaluate import elbo_per_sequence
-from dmm_jax.model import guide, model
+from dmm_jax.models.dmm import guide, model
 from dmm_jax.nn import BackwardEncoder, Combiner, GatedTransition
 from dmm_jax.objectives import AnalyticKLTraceELBO, analytic_kl_elbo, trace_guide_and_model
 

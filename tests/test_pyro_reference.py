@@ -25,7 +25,7 @@ pyro = pytest.importorskip("pyro", reason="needs the bench extra (pyro-ppl)")
 from conftest import load_benchmark
 
 from dmm_jax.config import DMMConfig, TrainConfig
-from dmm_jax.model import guide, model
+from dmm_jax.models.dmm import guide, model
 from dmm_jax.train import clipped_adam
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pyro_reference.py"

@@ -11,7 +11,7 @@ from numpyro.infer.svi import SVIState
 
 import dmm_jax.train
 from dmm_jax.config import TrainConfig
-from dmm_jax.model import guide, model
+from dmm_jax.models.dmm import guide, model
 from dmm_jax.train import (
     UpdateStep,
     annealing_factor,

@@ -51,6 +51,12 @@ from numpyro.contrib.module import flax_module
 
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain, MeanFieldPosterior, StructuredPosterior
+from dmm_jax.models.common import (
+    observed_entries,
+    previous_observations,
+    sequence_mask,
+    transition_covariates,
+)
 from dmm_jax.nn import (
     BackwardEncoder,
     BernoulliEmitter,
@@ -65,63 +71,6 @@ from dmm_jax.nn import (
 from dmm_jax.real_steps import RealSteps, per_real_step
 
 Array = jax.Array
-
-
-def sequence_mask(lengths: Array, num_steps: int) -> Array:
-    """[B, T] boolean, True where t < lengths[b]."""
-    return jnp.arange(num_steps)[None, :] < lengths[:, None]
-
-
-def observed_entries(x: Array, obs_mask: Array | None = None) -> tuple[Array, Array]:
-    """(x with missing entries set to 0, [B, T, X] boolean True where observed).
-
-    An entry is missing where it is NaN or where ``obs_mask`` is False. The fill comes first,
-    so later arithmetic never touches a NaN (and the gradient of a masked term stays 0).
-    """
-    present = ~jnp.isnan(x)
-    if obs_mask is not None:
-        present = present & obs_mask.astype(bool)
-    return jnp.where(present, x, 0.0), present
-
-
-def transition_covariates(
-    config: DMMConfig, batch: int, num_steps: int, inputs: Array | None, dt: Array | None
-) -> Array | None:
-    """[B, T, C] = [inputs, dt] as the config asks for them, or None; names what is missing."""
-    parts = []
-    if config.input_dim:
-        if inputs is None:
-            raise ValueError(f"config.input_dim={config.input_dim} needs inputs [B, T, U]")
-        if inputs.shape != (batch, num_steps, config.input_dim):
-            raise ValueError(
-                f"inputs must have shape {(batch, num_steps, config.input_dim)}, got {inputs.shape}"
-            )
-        parts.append(jnp.asarray(inputs, jnp.float32))
-    elif inputs is not None:
-        raise ValueError("inputs given but config.input_dim is 0")
-    if config.use_dt:
-        if dt is None or dt.shape != (batch, num_steps):
-            got = None if dt is None else dt.shape
-            raise ValueError(f"config.use_dt needs dt of shape {(batch, num_steps)}, got {got}")
-        parts.append(jnp.asarray(dt, jnp.float32)[..., None])
-    elif dt is not None:
-        raise ValueError("dt given but config.use_dt is False")
-    return jnp.concatenate(parts, axis=-1) if parts else None
-
-
-def previous_observations(x: Array) -> Array:
-    """x_{t-1} at step t, [B, T, X]; zeros at t = 0 (DMM-Aug's extra input)."""
-    return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-
-
-def example_covariates(config: DMMConfig) -> dict[str, Array]:
-    """Zero ``inputs``/``dt`` of one step of one sequence, for initialising parameters."""
-    example = {}
-    if config.input_dim:
-        example["inputs"] = jnp.zeros((1, 1, config.input_dim), jnp.float32)
-    if config.use_dt:
-        example["dt"] = jnp.zeros((1, 1), jnp.float32)
-    return example
 
 
 def _transition_module(config: DMMConfig):

@@ -1,0 +1,69 @@
+"""The model families, side by side over shared parts, and the one interface they share.
+
+Every family gives a frozen config dataclass and a NumPyro ``model``/``guide`` pair with the
+same signature, ``(x [B, T, X], lengths [B], annealing_factor, *, config, inputs, dt,
+obs_mask, steps)``, whose one latent site "z" holds each sequence's trajectory [T, Z]; so
+training (``dmm_jax.train``), evaluation (``dmm_jax.evaluate``) and checkpoints take any of
+them. Generation (``dmm_jax.generate``) goes through each family's ``generation`` hooks.
+
+    family  module                      paper
+    dmm     ``dmm_jax.models.dmm``      Krishnan, Shalit & Sontag, AAAI 2017
+    vrnn    ``dmm_jax.models.vrnn``     Chung et al., NeurIPS 2015
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from dmm_jax.config import DMMConfig
+from dmm_jax.models import dmm, dmm_generation, vrnn
+from dmm_jax.models.common import example_covariates
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What the shared machinery needs of a family.
+
+    generation: functions of (params, key, config, ...) used by ``dmm_jax.generate``, or None
+    where the family cannot generate: ``start(params, config, n)`` -> the state before the
+    first step; ``state_after(params, z, x, lengths, config)`` -> the state after each
+    sequence's last real step given a guide draw z; ``roll_out(params, key, config, state, T)``
+    -> {"z", "x", "emission"} for T new steps; ``emission_params(params, z, x, lengths,
+    config)`` -> p(x_t | ...)'s parameters at every step given z; ``emission(config)`` -> the
+    emission's kind (``dmm_jax.emissions.EMISSIONS``).
+    """
+
+    name: str
+    config_class: type
+    model: Callable
+    guide: Callable
+    generation: Any = None
+
+    def example_covariates(self, config) -> dict:
+        return example_covariates(config)
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        ModelFamily("dmm", DMMConfig, dmm.model, dmm.guide, dmm_generation),
+        ModelFamily("vrnn", vrnn.VRNNConfig, vrnn.model, vrnn.guide, vrnn),
+    )
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name``; names the known ones otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(config: Any) -> ModelFamily:
+    """The family whose config class ``config`` is an instance of."""
+    for family in FAMILIES.values():
+        if type(config) is family.config_class:
+            return family
+    raise TypeError(f"{type(config).__name__} is not the config of a known model family")
