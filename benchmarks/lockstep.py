@@ -34,7 +34,8 @@ import pyro_reference as ref
 import dmm_jax.distributions
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.data.batching import length_bucket
-from dmm_jax.train import annealing_factor, build_svi, clipped_adam
+from dmm_jax.optim import annealing_factor, clipped_adam
+from dmm_jax.step import build_svi
 
 
 @contextlib.contextmanager

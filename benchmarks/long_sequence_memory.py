@@ -25,8 +25,9 @@ def worker(batch: int, steps: int, microbatch_steps: int) -> dict:
     import numpy as np
 
     from dmm_jax.config import DMMConfig, TrainConfig
+    from dmm_jax.data.batching import microbatch_count
     from dmm_jax.runtime import retain_freed_memory
-    from dmm_jax.train import UpdateStep, build_svi, init_train_state, microbatch_count
+    from dmm_jax.step import UpdateStep, build_svi, init_train_state
 
     retain_freed_memory()  # as dmm-jax train does; the peak must hold with it
 

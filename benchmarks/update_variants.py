@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     from dmm_jax.data.batching import PaddedSequences, epoch_batches
     from dmm_jax.real_steps import RealSteps, real_steps
     from dmm_jax.runtime import compiler_options
-    from dmm_jax.train import (
+    from dmm_jax.step import (
         UpdateStep,
         build_svi,
         init_train_state,

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import serialization
+from jax.flatten_util import ravel_pytree
 
 from dmm_jax.config import TrainConfig, config_from_dict, config_to_dict
 from dmm_jax.files import atomic_write_bytes
@@ -97,6 +98,32 @@ def read_checkpoint(
         "state": payload["state"],
         "path": path,
     }
+
+
+def migrate_state(raw_state: dict[str, Any], params: Any) -> dict[str, Any]:
+    """Brings a raw saved state to the current format; a state already in it is returned as is.
+
+    Checkpoints written before the optimizer ran on one raveled vector hold Adam's moments
+    (any node with ``count``, ``mu`` and ``nu``) as trees shaped like the parameters; they are
+    raveled here in the order ``optax.flatten`` uses (``jax.tree.leaves``). ``params``: the
+    model's parameters (any values of the right structure), to read those trees with.
+    """
+
+    def ravel(tree_raw):
+        return ravel_pytree(serialization.from_state_dict(params, tree_raw))[0]
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return node
+        if (
+            "count" in node
+            and isinstance(node.get("mu"), dict)
+            and isinstance(node.get("nu"), dict)
+        ):
+            return {**node, "mu": ravel(node["mu"]), "nu": ravel(node["nu"])}
+        return {key: visit(value) for key, value in node.items()}
+
+    return visit(raw_state)
 
 
 def restore_state(template: Any, raw_state: dict[str, Any], source: Path | str = "checkpoint"):

@@ -77,7 +77,7 @@ def grouped_real_steps(
     lengths: np.ndarray, num_steps: int, capacity: int, groups: int
 ) -> RealSteps:
     """``real_steps`` of each of ``groups`` consecutive, equal groups of the batch's sequences
-    (the micro-batches of ``dmm_jax.train.microbatched_update``), stacked: every field gets a
+    (the micro-batches of ``dmm_jax.step.microbatched_update``), stacked: every field gets a
     leading [groups] axis, and group g's indices address its own [B / groups, T] rows.
 
     ``capacity`` is per group. Raises ValueError when ``groups`` does not divide the batch or

@@ -26,7 +26,7 @@ from conftest import load_benchmark
 
 from dmm_jax.config import DMMConfig, TrainConfig
 from dmm_jax.models.dmm import guide, model
-from dmm_jax.train import clipped_adam
+from dmm_jax.optim import clipped_adam
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pyro_reference.py"
 SIZES = {"z_dim": 3, "emission_dim": 5, "transition_dim": 7, "rnn_dim": 8}

@@ -9,20 +9,20 @@ import pytest
 from conftest import random_binary_batch
 from numpyro.infer.svi import SVIState
 
+import dmm_jax.step
 import dmm_jax.train
 from dmm_jax.config import TrainConfig
+from dmm_jax.data.batching import microbatch_count
 from dmm_jax.models.dmm import guide, model
-from dmm_jax.train import (
+from dmm_jax.optim import annealing_factor, clipped_adam
+from dmm_jax.step import (
     UpdateStep,
-    annealing_factor,
     build_svi,
-    clipped_adam,
-    fit,
     init_train_state,
-    microbatch_count,
     microbatched_update,
     skipping_nonfinite,
 )
+from dmm_jax.train import fit
 
 
 def test_clipped_adam_matches_a_hand_computed_pyro_step():
@@ -229,7 +229,7 @@ def test_train_config_rejects_nonsense():
 
 
 def test_learning_rate_schedules():
-    from dmm_jax.train import learning_rate_schedule
+    from dmm_jax.optim import learning_rate_schedule
 
     cfg = TrainConfig(learning_rate=0.1, lr_decay=0.5, epochs=4)
     assert float(learning_rate_schedule(cfg)(3)) == pytest.approx(0.1 * 0.5**4)
@@ -316,7 +316,7 @@ def test_the_guard_drops_an_update_that_makes_any_array_of_the_state_non_finite(
     )
     leaves, tree = jax.tree.flatten(state.optim_state)
     floats = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating)]
-    assert len(floats) == 3 and max(a.size for a in leaves) >= dmm_jax.train._LARGE_ARRAY > 7
+    assert len(floats) == 3 and max(a.size for a in leaves) >= dmm_jax.step._LARGE_ARRAY > 7
 
     @jax.jit
     def guarded(state, index):  # leaf `index` of the new state gets one non-finite entry
