@@ -1,4 +1,5 @@
-"""Configurations: what the model is (``DMMConfig``) and how it is trained (``TrainConfig``).
+"""Configurations: what the model is (``DMMConfig``, ``VRNNConfig``) and how it is trained
+(``TrainConfig``).
 
 Defaults are the reference's (Pyro's examples/dmm.py), so the same numbers mean the same
 thing in both. Both are frozen dataclasses that round-trip through JSON (checkpoints keep them).
@@ -9,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dmm_jax.nn import EMISSION_NETS, EMISSION_SCALES, EMISSIONS, RNN_CELLS, TRANSITIONS
+# Choices, kept here (not beside the networks) so the configs load without JAX.
+RNN_CELLS = ("rnn", "gru", "lstm")
+TRANSITIONS = ("gated", "linear")
+DMM_EMISSIONS = ("bernoulli", "gaussian")
+EMISSION_NETS = ("mlp", "linear")
+EMISSION_SCALES = ("learned", "predicted", "fixed")
+EMISSIONS = ("bernoulli", "gaussian", "gmm")  # dmm_jax.emissions
+VRNN_CELLS = ("gru", "lstm")
 
 # The paper's inference networks (Krishnan et al. 2017, Table 1): structured (ST, conditioned on
 # z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
@@ -38,7 +46,7 @@ class DMMConfig:
     # autodiff, faster); False falls back to autodiff of plain scans.
     custom_vjp: bool = True
     emission: str = option(
-        "bernoulli", f"observation model, one of {EMISSIONS} (gaussian: real values)"
+        "bernoulli", f"observation model, one of {DMM_EMISSIONS} (gaussian: real values)"
     )
     emission_net: str = option(
         "mlp", "emission mean: mlp (two hidden layers) or linear (x_t = H z_t + d, gaussian only)"
@@ -74,7 +82,7 @@ class DMMConfig:
                 f"DMMConfig.rnn_cell must be one of {RNN_CELLS}, got {self.rnn_cell!r}"
             )
         choices = {
-            "emission": EMISSIONS,
+            "emission": DMM_EMISSIONS,
             "emission_net": EMISSION_NETS,
             "emission_scale": EMISSION_SCALES,
             "transition": TRANSITIONS,
@@ -116,6 +124,46 @@ class DMMConfig:
         if augmented."""
         inputs = self.input_dim if self.inputs_to_emission else 0
         return self.z_dim + inputs + (self.obs_dim if self.augmented else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VRNNConfig:
+    """Sizes and choices of a VRNN. ``standard_prior``: the VRNN-I variant, p(z_t) = N(0, I)."""
+
+    obs_dim: int = option(88, "observation dims per step (from the data)")
+    z_dim: int = option(32, "latent dims")
+    rnn_dim: int = option(256, "hidden units of the RNN")
+    feature_dim: int = option(128, "width of the features phi_x(x_t) and phi_z(z_t)")
+    hidden_dim: int = option(128, "hidden units of the prior, encoder and decoder networks")
+    rnn_cell: str = option("gru", f"RNN cell, one of {VRNN_CELLS}")
+    emission: str = option("bernoulli", f"observation model, one of {EMISSIONS}")
+    mixture_components: int = option(5, "components of the gmm emission")
+    standard_prior: bool = option(False, "VRNN-I: the prior is N(0, I) at every step")
+    input_dim: int = 0
+    use_dt: bool = False
+
+    def __post_init__(self):
+        sizes = ("obs_dim", "z_dim", "rnn_dim", "feature_dim", "hidden_dim", "mixture_components")
+        for field in sizes:
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"VRNNConfig.{field} must be a positive int, got {value!r}")
+        for field, allowed in (("rnn_cell", VRNN_CELLS), ("emission", EMISSIONS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(
+                    f"VRNNConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}"
+                )
+        if not isinstance(self.input_dim, int) or self.input_dim < 0:
+            raise ValueError(f"VRNNConfig.input_dim must be an int >= 0, got {self.input_dim!r}")
+
+    @property
+    def covariate_dim(self) -> int:
+        return self.input_dim + int(self.use_dt)
+
+    @property
+    def state_dim(self) -> int:
+        """Width of g_t = [h_{t-1}, c_t]."""
+        return self.rnn_dim + self.covariate_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +250,10 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.early_stopping_patience needs eval_every > 0 (it counts evaluations)"
             )
+
+
+# The model families' configs by name (``dmm_jax.models`` pairs them with their models).
+MODEL_CONFIGS = {"dmm": DMMConfig, "vrnn": VRNNConfig}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from dmm_jax.nn import Linear
 
 Array = jax.Array
 
-EMISSIONS = ("bernoulli", "gaussian", "gmm")
 SCALE_FLOOR = 1e-3
 # What padded steps hold for each parameter (a valid distribution; masked out anyway).
 PADDING_FILL = {"bernoulli": 0.0, "gaussian": (0.0, 1.0), "gmm": (0.0, 0.0, 1.0)}

@@ -20,17 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmm_jax.config import RNN_CELLS
 from dmm_jax.real_steps import RealSteps, gather_rows, scatter_rows
 from dmm_jax.scans import active_steps, combiner_scan, reverse_relu_rnn_scan
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
 
-RNN_CELLS = ("rnn", "gru", "lstm")
-TRANSITIONS = ("gated", "linear")
-EMISSIONS = ("bernoulli", "gaussian")
-EMISSION_NETS = ("mlp", "linear")
-EMISSION_SCALES = ("learned", "predicted", "fixed")
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 

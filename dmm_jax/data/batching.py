@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
-Array = jax.Array
+if TYPE_CHECKING:  # JAX is imported where it is used, so the CLI starts without it
+    import jax
+
 
 # Up to 288 steps buckets are multiples of 48; beyond, they grow geometrically by 1.25 (at most
 # 25% padding) so long datasets still compile few shapes. Coarse on purpose: each shape costs
@@ -81,14 +83,16 @@ class PaddedSequences:
         return {}
 
 
-def shuffled_batches(key: Array, num_sequences: int, batch_size: int) -> list[np.ndarray]:
+def shuffled_batches(key: jax.Array, num_sequences: int, batch_size: int) -> list[np.ndarray]:
     """A random partition of range(num_sequences) into consecutive chunks of batch_size."""
+    import jax
+
     order = np.asarray(jax.random.permutation(key, num_sequences))
     return [order[i : i + batch_size] for i in range(0, num_sequences, batch_size)]
 
 
 def length_grouped_batches(
-    key: Array, lengths: np.ndarray, batch_size: int, pool_batches: int = 8
+    key: jax.Array, lengths: np.ndarray, batch_size: int, pool_batches: int = 8
 ) -> list[np.ndarray]:
     """Random mini-batches of sequences of similar length (less padding than shuffled_batches).
 
@@ -97,6 +101,8 @@ def length_grouped_batches(
     sequences share a batch stays random (pools are drawn anew every epoch), but a batch's
     lengths are close, so padding to its longest member wastes little.
     """
+    import jax
+
     perm_key, order_key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(perm_key, len(lengths)))
     pool = batch_size * pool_batches
@@ -110,7 +116,7 @@ def length_grouped_batches(
 
 
 def epoch_batches(
-    key: Array, lengths: np.ndarray, batch_size: int, length_grouped: bool
+    key: jax.Array, lengths: np.ndarray, batch_size: int, length_grouped: bool
 ) -> list[np.ndarray]:
     """One training epoch's mini-batches: ``length_grouped_batches`` or ``shuffled_batches``."""
     if length_grouped:
@@ -177,6 +183,8 @@ def real_step_capacities(
     lengths = np.asarray(lengths)
     most: dict[int, int] = {}
     for epoch in range(epochs):
+        import jax
+
         key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
         for indices in epoch_batches(key, lengths, batch_size, length_grouped):
             bucket = length_bucket(int(lengths[indices].max()))

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from dmm_jax.config import DMMConfig
+from dmm_jax.config import MODEL_CONFIGS
 from dmm_jax.models import dmm, dmm_generation, vrnn
 from dmm_jax.models.common import example_covariates
 
@@ -32,7 +32,7 @@ class ModelFamily:
     sequence's last real step given a guide draw z; ``roll_out(params, key, config, state, T)``
     -> {"z", "x", "emission"} for T new steps; ``emission_params(params, z, x, lengths,
     config)`` -> p(x_t | ...)'s parameters at every step given z; ``emission(config)`` -> the
-    emission's kind (``dmm_jax.emissions.EMISSIONS``).
+    emission's kind (``dmm_jax.config.EMISSIONS``).
     """
 
     name: str
@@ -48,8 +48,8 @@ class ModelFamily:
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
-        ModelFamily("dmm", DMMConfig, dmm.model, dmm.guide, dmm_generation),
-        ModelFamily("vrnn", vrnn.VRNNConfig, vrnn.model, vrnn.guide, vrnn),
+        ModelFamily("dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm_generation),
+        ModelFamily("vrnn", MODEL_CONFIGS["vrnn"], vrnn.model, vrnn.guide, vrnn),
     )
 }
 

@@ -18,7 +18,6 @@ rnn) under the same names, so both use one set of parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, ClassVar
 
@@ -30,7 +29,7 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 from numpyro.distributions import Distribution, constraints
 
-from dmm_jax.config import option
+from dmm_jax.config import VRNNConfig
 from dmm_jax.distributions import (
     gaussian_kl,
     normal_log_prob,
@@ -38,7 +37,6 @@ from dmm_jax.distributions import (
     step_noise,
 )
 from dmm_jax.emissions import (
-    EMISSIONS,
     PADDING_FILL,
     EmissionHead,
     emission_distribution,
@@ -52,47 +50,6 @@ Array = jax.Array
 State = Any  # [B, H] (GRU) or ([B, H], [B, H]) (LSTM)
 
 LATENT_SCALE_FLOOR = 1e-4
-VRNN_CELLS = ("gru", "lstm")
-
-
-@dataclasses.dataclass(frozen=True)
-class VRNNConfig:
-    """Sizes and choices of a VRNN. ``standard_prior``: the VRNN-I variant, p(z_t) = N(0, I)."""
-
-    obs_dim: int = option(88, "observation dims per step (from the data)")
-    z_dim: int = option(32, "latent dims")
-    rnn_dim: int = option(256, "hidden units of the RNN")
-    feature_dim: int = option(128, "width of the features phi_x(x_t) and phi_z(z_t)")
-    hidden_dim: int = option(128, "hidden units of the prior, encoder and decoder networks")
-    rnn_cell: str = option("gru", f"RNN cell, one of {VRNN_CELLS}")
-    emission: str = option("bernoulli", f"observation model, one of {EMISSIONS}")
-    mixture_components: int = option(5, "components of the gmm emission")
-    standard_prior: bool = option(False, "VRNN-I: the prior is N(0, I) at every step")
-    input_dim: int = 0
-    use_dt: bool = False
-
-    def __post_init__(self):
-        sizes = ("obs_dim", "z_dim", "rnn_dim", "feature_dim", "hidden_dim", "mixture_components")
-        for field in sizes:
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"VRNNConfig.{field} must be a positive int, got {value!r}")
-        for field, allowed in (("rnn_cell", VRNN_CELLS), ("emission", EMISSIONS)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(
-                    f"VRNNConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}"
-                )
-        if not isinstance(self.input_dim, int) or self.input_dim < 0:
-            raise ValueError(f"VRNNConfig.input_dim must be an int >= 0, got {self.input_dim!r}")
-
-    @property
-    def covariate_dim(self) -> int:
-        return self.input_dim + int(self.use_dt)
-
-    @property
-    def state_dim(self) -> int:
-        """Width of g_t = [h_{t-1}, c_t]."""
-        return self.rnn_dim + self.covariate_dim
 
 
 # ----------------------------------------------------------------------------- networks

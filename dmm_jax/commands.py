@@ -1,0 +1,391 @@
+"""The subcommands of ``dmm-jax`` (``dmm_jax.cli`` parses their flags): each reads its data
+or checkpoint, calls the library and prints one JSON object or one line per epoch."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from dmm_jax import distributed
+from dmm_jax.cli import model_config_from_args, model_flags_given
+from dmm_jax.config import TrainConfig
+from dmm_jax.data import NUM_NOTES, load_dataset
+from dmm_jax.data.arrays import load_arrays
+from dmm_jax.data.batching import PaddedSequences
+from dmm_jax.evaluate import evaluate_split
+from dmm_jax.files import atomic_write_bytes
+from dmm_jax.generate import (
+    forecast,
+    forecast_split,
+    hide_entries,
+    impute,
+    impute_split,
+    note_frequencies,
+    posterior_latents,
+    sample_prior,
+)
+from dmm_jax.music import write_midi
+from dmm_jax.plots import (
+    forecast_figure,
+    piano_roll_figure,
+    posterior_figure,
+    read_training_log,
+    save_png,
+    training_curves_figure,
+)
+from dmm_jax.train import fit, load_run
+
+_DEFAULT_TRAIN = TrainConfig()
+
+
+def _mesh(args: argparse.Namespace) -> Mesh | None:
+    """Joins the multi-process run if one is asked for, then the device mesh; None where the
+    run has one device in all, which keeps the single-device code path exactly."""
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        mesh = distributed.data_mesh(args.devices)
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax {args.command}: {err}") from err
+    return None if mesh.size == 1 else mesh
+
+
+def _is_arrays(data: str | None) -> bool:
+    return data is not None and data.endswith(".npz")
+
+
+# Set from the data (or, custom_vjp, for tests), not from flags.
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.resume and args.checkpoint_dir is None:
+        raise SystemExit("dmm-jax train: --resume needs --checkpoint-dir")
+    try:  # settings first: a wrong flag is reported before any data is read
+        train_config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            beta1=args.beta1,
+            beta2=args.beta2,
+            clip_norm=args.clip_norm,
+            lr_decay=args.lr_decay,
+            weight_decay=args.weight_decay,
+            annealing_epochs=args.annealing_epochs,
+            minimum_annealing_factor=args.minimum_annealing_factor,
+            seed=args.seed,
+            length_bucketing=args.length_bucketing,
+            microbatch_steps=args.microbatch_steps,
+            real_steps=args.real_steps,
+            eval_every=args.eval_every,
+            eval_samples=args.eval_samples,
+            kl=args.kl,
+            lr_schedule=args.lr_schedule,
+            annealing_schedule=args.annealing_schedule,
+            early_stopping_patience=args.early_stopping_patience,
+        )
+        if train_config.kl == "analytic" and args.num_iafs:
+            raise ValueError("--kl analytic is not available with --num-iafs > 0 (use sampled)")
+        model_flags_given(args)  # names a flag of another family before any data is read
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax train: {err}") from err
+    mesh = _mesh(args)  # a multi-process run must join before anything touches a device
+    if _is_arrays(args.data):
+        dataset = load_arrays(args.data)
+        train = dataset.train
+        obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None
+        binary = bool(np.all(np.isnan(train.x) | (train.x == 0) | (train.x == 1)))
+        metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
+    else:
+        dataset = load_dataset(args.dataset, args.data)
+        obs_dim, input_dim, use_dt, binary = NUM_NOTES, 0, False, None
+        metadata = {"dataset": dataset.name}
+    try:
+        model_config = model_config_from_args(
+            args, obs_dim=obs_dim, input_dim=input_dim, use_dt=use_dt
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax train: {err}") from err
+    if binary is not None and model_config.emission == "bernoulli" and not binary:
+        raise SystemExit(
+            f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
+        )
+    # In a multi-process run only process 0 prints; --quiet prints nothing but errors.
+    lead = jax.process_index() == 0 and not args.quiet
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+    if lead:
+        print(
+            f"dmm-jax: {dataset.name} from {dataset.source}: {len(dataset.train)} train "
+            f"sequences ({dataset.train.num_steps} steps); "
+            f"{'devices' if mesh is None else 'data parallel over'} {devices}",
+            flush=True,
+        )
+    fit(
+        dataset.train,
+        dataset.valid,
+        dataset.test,
+        model_config=model_config,
+        train_config=train_config,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        log_json=args.log_json,
+        progress=lead and not args.no_progress,
+        # tqdm.write clears the bar, prints the line and redraws: the two never overwrite.
+        log=(lambda line: tqdm.write(line)) if lead else None,
+        metadata=metadata,
+        mesh=mesh,
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    mesh = _mesh(args)
+    run = load_run(args.checkpoint, best=args.best)
+    arrays_file = args.data if _is_arrays(args.data) else None
+    if arrays_file is None and args.dataset is None and run.metadata.get("dataset") == "arrays":
+        arrays_file = args.data or run.metadata.get("data")
+    if arrays_file is not None:
+        dataset = load_arrays(arrays_file)
+        split = dataset.split(args.split)
+    else:
+        name = args.dataset or run.metadata.get("dataset")
+        if name is None:
+            raise SystemExit(
+                "dmm-jax evaluate: the checkpoint does not name its dataset; pass --dataset"
+            )
+        dataset = load_dataset(name, args.data)
+        split = dataset.split(args.split).sequences
+    result = evaluate_split(
+        run.params,
+        jax.random.PRNGKey(args.seed),
+        split,
+        run.model_config,
+        num_samples=args.samples,
+        estimator=args.estimator,
+        batch_size=args.batch_size,
+        mesh=mesh,
+    )
+    result = {
+        "dataset": dataset.name,
+        "split": args.split,
+        "checkpoint": str(args.checkpoint),
+        "best": args.best,
+        "epochs_trained": int(run.state.epoch),
+        **result,
+    }
+    if jax.process_index() == 0:
+        print(json.dumps(result))
+    return 0
+
+
+def _require(condition: bool, command: str, message: str) -> None:
+    if not condition:
+        raise SystemExit(f"dmm-jax {command}: {message}")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    _require(args.num >= 1, "sample", f"--num must be >= 1, got {args.num}")
+    _require(args.length >= 1, "sample", f"--length must be >= 1, got {args.length}")
+    _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
+    run = load_run(args.checkpoint)
+    _require(
+        run.model_config.obs_dim == NUM_NOTES or (args.midi is None and args.png is None),
+        "sample",
+        f"--midi and --png need {NUM_NOTES}-key piano rolls; this model emits "
+        f"{run.model_config.obs_dim} values a step",
+    )
+    out = sample_prior(
+        run.params, jax.random.PRNGKey(args.seed), run.model_config, args.num, args.length
+    )
+    rolls = np.asarray(out["x"])
+    written: dict[str, list[str]] = {"midi": [], "png": []}
+    for i, roll in enumerate(rolls):
+        if args.midi is not None:
+            path = write_midi(Path(args.midi) / f"sample_{i:03d}.mid", roll, tempo_bpm=args.tempo)
+            written["midi"].append(str(path))
+        if args.png is not None:
+            figure = piano_roll_figure([roll], [f"sample {i} (seed {args.seed})"])
+            written["png"].append(str(save_png(figure, Path(args.png) / f"sample_{i:03d}.png")))
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "epochs_trained": int(run.state.epoch),
+        "num": args.num,
+        "length": args.length,
+        "seed": args.seed,
+        "notes_per_step": float(rolls.sum() / (args.num * args.length)),
+        **written,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    for flag in ("prefix", "horizon", "samples", "batch_size"):
+        value = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        _require(value >= 1, "forecast", f"{name} must be >= 1, got {value}")
+    run, dataset = _run_dataset("forecast", args)
+    sequences = dataset.split(args.split).sequences
+    key = jax.random.PRNGKey(args.seed)
+    try:
+        result = forecast_split(
+            run.params,
+            key,
+            sequences,
+            run.model_config,
+            prefix_length=args.prefix,
+            horizon=args.horizon,
+            num_samples=args.samples,
+            frequencies=note_frequencies(dataset.train.sequences),
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax forecast: {err}") from err
+    pngs = []
+    if args.png is not None and args.png_count > 0:
+        shown = [s for s in sequences if len(s) > args.prefix][: args.png_count]
+        # Padded to the scoring batch's shape, so the forecast compiled above is reused.
+        prefixes = np.zeros(
+            (max(args.batch_size, len(shown)), args.prefix, run.model_config.obs_dim)
+        )
+        prefixes[: len(shown)] = [s[: args.prefix] for s in shown]
+        lengths = jnp.full(len(prefixes), args.prefix, jnp.int32)
+        probs = forecast(
+            run.params,
+            key,
+            jnp.asarray(prefixes, jnp.float32),
+            lengths,
+            run.model_config,
+            args.horizon,
+            args.samples,
+        )["mean_probs"]
+        for i, seq in enumerate(shown):
+            truth = seq[args.prefix : args.prefix + args.horizon]
+            figure = forecast_figure(
+                seq[: args.prefix], truth, np.asarray(probs[i, : len(truth)]), f"sequence {i}"
+            )
+            pngs.append(str(save_png(figure, Path(args.png) / f"forecast_{i:03d}.png")))
+    result = {
+        "dataset": dataset.name,
+        "split": args.split,
+        "checkpoint": str(args.checkpoint),
+        "epochs_trained": int(run.state.epoch),
+        **result,
+        "png": pngs,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+def _run_dataset(command: str, args: argparse.Namespace):
+    """The checkpoint's run and the dataset it was trained on (or --dataset)."""
+    run = load_run(args.checkpoint)
+    name = args.dataset or run.metadata.get("dataset")
+    _require(name is not None, command, "the checkpoint does not name its dataset; pass --dataset")
+    return run, load_dataset(name, args.data)
+
+
+def _posterior(args: argparse.Namespace) -> int:
+    _require(args.samples >= 1, "posterior", f"--samples must be >= 1, got {args.samples}")
+    run, dataset = _run_dataset("posterior", args)
+    sequences = dataset.split(args.split).sequences
+    _require(
+        0 <= args.index < len(sequences),
+        "posterior",
+        f"--index must be in 0..{len(sequences) - 1} for the {args.split} split, got {args.index}",
+    )
+    x = np.asarray(sequences[args.index])
+    levels = (0.05, 0.5, 0.95)
+    out = posterior_latents(
+        run.params,
+        jax.random.PRNGKey(args.seed),
+        jnp.asarray(x[None], jnp.float32),
+        jnp.array([len(x)], jnp.int32),
+        run.model_config,
+        args.samples,
+        levels,
+    )
+    mean, quantiles = np.asarray(out["mean"][0]), np.asarray(out["quantiles"][:, 0])
+    result = {"split": args.split, "index": args.index, "num_steps": len(x), "levels": levels}
+    if args.out is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x, mean=mean, quantiles=quantiles, levels=np.array(levels))
+        result["npz"] = str(atomic_write_bytes(args.out, buffer.getvalue()))
+    if args.png is not None:
+        result["png"] = str(save_png(posterior_figure(x, mean, quantiles), args.png))
+    # How much the latents move over time and how uncertain they are, in one line each.
+    result["mean_abs_step_change"] = float(np.abs(np.diff(mean, axis=0)).mean())
+    result["mean_band_width"] = float((quantiles[-1] - quantiles[0]).mean())
+    print(json.dumps(result))
+    return 0
+
+
+def _impute(args: argparse.Namespace) -> int:
+    _require(
+        0.0 <= args.fraction <= 1.0, "impute", f"--fraction must be in [0, 1], got {args.fraction}"
+    )
+    _require(args.fraction > 0 or args.gap is not None, "impute", "give --fraction or --gap")
+    for flag in ("iterations", "batch_size"):
+        value = getattr(args, flag)
+        _require(value >= 1, "impute", f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    run, dataset = _run_dataset("impute", args)
+    sequences = dataset.split(args.split).sequences
+    key = jax.random.PRNGKey(args.seed)
+    try:
+        result = impute_split(
+            run.params,
+            key,
+            sequences,
+            run.model_config,
+            frequencies=note_frequencies(dataset.train.sequences),
+            fraction=args.fraction,
+            gap=args.gap,
+            num_iterations=args.iterations,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dmm-jax impute: {err}") from err
+    pngs = []
+    if args.png is not None and args.png_count > 0:
+        shown = list(sequences[: args.png_count])
+        x, lengths = PaddedSequences(shown).batch(np.arange(len(shown)), len(shown))
+        hide_key, impute_key = jax.random.split(key)
+        missing = hide_entries(hide_key, x, lengths, args.fraction, args.gap)
+        out = impute(run.params, impute_key, x, lengths, missing, run.model_config, args.iterations)
+        missing, probs = np.asarray(missing), np.asarray(out["probs"])
+        for i, seq in enumerate(shown):
+            n, hidden = len(seq), missing[i, : len(seq)]
+            given = np.where(hidden, 0.3, seq)  # hidden entries drawn light grey
+            figure = piano_roll_figure(
+                [seq, given, probs[i, :n]],
+                ["truth", "given (hidden in grey)", "imputed P(note) where hidden"],
+            )
+            pngs.append(str(save_png(figure, Path(args.png) / f"impute_{i:03d}.png")))
+    print(json.dumps({"dataset": dataset.name, "split": args.split, **result, "png": pngs}))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        figure = training_curves_figure(read_training_log(args.log))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dmm-jax plot: {err}") from err
+    print(json.dumps({"log": str(args.log), "png": str(save_png(figure, args.out))}))
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "sample": _sample,
+    "forecast": _forecast,
+    "posterior": _posterior,
+    "impute": _impute,
+    "plot": _plot,
+}
