@@ -1,4 +1,5 @@
-"""Seconds per JSB epoch: dmm_jax against the PyTorch/Pyro reference, in one run.
+"""Seconds per JSB epoch: dmm_jax against the PyTorch/Pyro reference, in one run, and the
+VRNN beside the DMM (``--impls dmm_jax,vrnn``).
 
 Each implementation lives in its own worker process (so its threads, memory peak and compile
 cache are its own); the driver asks the workers for one epoch at a time, alternating between
@@ -34,7 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed")
+IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed", "vrnn")
+# The DMM at the reference's settings; "vrnn" is the VRNN at its defaults, random batches.
+DMM_IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed")
 HERE = Path(__file__).resolve().parent
 
 
@@ -110,13 +113,13 @@ def peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- workers
 
 
-def _jax_worker(args, bucketed: bool):
+def _jax_worker(args, bucketed: bool, vrnn: bool = False):
     import jax
 
     if args.matmul_precision:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
-    from dmm_jax.config import DMMConfig, TrainConfig
+    from dmm_jax.config import DMMConfig, TrainConfig, VRNNConfig
     from dmm_jax.data import load_dataset
     from dmm_jax.data.batching import PaddedSequences
     from dmm_jax.runtime import retain_freed_memory
@@ -125,7 +128,7 @@ def _jax_worker(args, bucketed: bool):
     retain_freed_memory()  # as dmm-jax train does
     data = load_dataset("jsb_chorales", args.data)
     train = PaddedSequences(data.train.sequences)
-    model_config = DMMConfig()
+    model_config = VRNNConfig() if vrnn else DMMConfig()
     train_config = TrainConfig(seed=args.seed, length_bucketing=bucketed)
     svi = build_svi(model_config, train_config)
     state = init_train_state(svi, train_config.seed, model_config.obs_dim)
@@ -182,7 +185,8 @@ def worker_main(args) -> None:
     if args.worker == "pyro_reference":
         info, run_epoch = _reference_worker(args)
     else:
-        info, run_epoch = _jax_worker(args, bucketed=args.worker == "dmm_jax_bucketed")
+        bucketed = args.worker == "dmm_jax_bucketed"
+        info, run_epoch = _jax_worker(args, bucketed=bucketed, vrnn=args.worker == "vrnn")
     print(json.dumps({"ready": True, **info}), flush=True)
     for line in sys.stdin:
         if line.strip() != "epoch":
@@ -272,7 +276,8 @@ def summarize(
     """One table row; ``floor``: ``floor_seconds`` for this implementation's batching."""
     steady = [e["seconds"] for e in epochs[warmup:]]
     median = statistics.median(steady)
-    flops = 3 * forward_flops_per_step() * real_steps  # forward + backward ~ 3x forward
+    # forward + backward ~ 3x forward; counted for the DMM only
+    flops = 3 * forward_flops_per_step() * real_steps if impl in DMM_IMPLS else None
     row = {
         "impl": impl,
         "where": f"{info['device']} ({info['platform']})",
@@ -283,8 +288,8 @@ def summarize(
         "compiled_shapes": epochs[-1].get("compiled_shapes"),
         "peak_rss_mib": epochs[-1]["peak_rss_mib"],
         "minutes_for_5000_epochs": minutes_for_5000_epochs(median),
-        "useful_gflops_per_s": flops / median / 1e9,
-        "fraction_of_matmul": flops / median / 1e9 / ceiling,
+        "useful_gflops_per_s": None if flops is None else flops / median / 1e9,
+        "fraction_of_matmul": None if flops is None else flops / median / 1e9 / ceiling,
         "floor_seconds": floor,
         "loss_per_epoch": [e["train_loss_per_step"] for e in epochs],
     }
@@ -350,7 +355,7 @@ def main(argv=None) -> int:
         for impl in impls
     }
     floors = {
-        impl: floor_seconds(steps, real_steps, loop_rate, ceiling)
+        impl: floor_seconds(steps, real_steps, loop_rate, ceiling) if impl in DMM_IMPLS else None
         for impl, steps in loop_steps.items()
     }
     print(
@@ -419,9 +424,11 @@ def format_table(rows: list[dict], epochs: int) -> str:
         floor = "-" if floor is None else f"{floor:.3f} ({r['seconds_per_epoch'] / floor:.1f}x)"
         shapes = "-" if r["compiled_shapes"] is None else str(r["compiled_shapes"])
         ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"
+        gflops = r.get("useful_gflops_per_s")
+        gflops = "-" if gflops is None else f"{gflops:.1f} ({100 * r['fraction_of_matmul']:.0f}%)"
         lines.append(
             f"| {r['impl']} | {r['where']} | {r['seconds_per_epoch']:.3f} | {compile_s} | {shapes} | "
-            f"{r['peak_rss_mib']:.0f} | {r['useful_gflops_per_s']:.1f} ({100 * r['fraction_of_matmul']:.0f}%) | "
+            f"{r['peak_rss_mib']:.0f} | {gflops} | "
             f"{r['loss_per_epoch'][-1]:.4f} | {ratio} | {minutes_for_5000_epochs(r['seconds_per_epoch']):.1f} | {floor} |"
         )
     return "\n".join(lines)

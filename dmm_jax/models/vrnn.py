@@ -45,6 +45,7 @@ from dmm_jax.emissions import (
 from dmm_jax.models.common import observed_entries, sequence_mask, transition_covariates
 from dmm_jax.nn import Linear, LinearWeights, gru_step, lstm_step
 from dmm_jax.real_steps import RealSteps, per_real_step
+from dmm_jax.scans import active_steps
 
 Array = jax.Array
 State = Any  # [B, H] (GRU) or ([B, H], [B, H]) (LSTM)
@@ -69,16 +70,38 @@ class MLP(nn.Module):
 
 class GaussianStep(nn.Module):
     """inputs [..., I] -> (loc, scale) [..., Z] of a diagonal Gaussian, through one hidden
-    layer; scale = softplus(.) + a floor, so it never collapses to zero."""
+    layer; scale = softplus(.) + a floor, so it never collapses to zero.
+
+    ``project`` and ``from_projection`` split the first layer over the leading and trailing
+    parts of the inputs, so the part known for every step (phi_x(x_t)) is multiplied once for
+    all steps, outside the step-by-step loop.
+    """
 
     z_dim: int
     hidden_dim: int
+    in_features: int
 
-    @nn.compact
+    def setup(self):
+        self.hidden = LinearWeights(self.hidden_dim)
+        self.to_params = Linear(2 * self.z_dim)
+
     def __call__(self, inputs: Array) -> tuple[Array, Array]:
-        h = nn.relu(Linear(self.hidden_dim, name="hidden")(inputs))
-        scale = nn.softplus(Linear(self.z_dim, name="to_scale")(h)) + LATENT_SCALE_FLOOR
-        return Linear(self.z_dim, name="to_loc")(h), scale
+        kernel, bias = self.hidden(self.in_features)
+        return self._heads(inputs @ kernel + bias)
+
+    def project(self, leading: Array) -> Array:
+        """The first layer's product with the leading inputs [..., L] (no bias)."""
+        kernel, _ = self.hidden(self.in_features)
+        return leading @ kernel[: leading.shape[-1]]
+
+    def from_projection(self, projected: Array, trailing: Array) -> tuple[Array, Array]:
+        """``__call__`` of [leading, trailing] given ``project(leading)``."""
+        kernel, bias = self.hidden(self.in_features)
+        return self._heads(projected + trailing @ kernel[-trailing.shape[-1] :] + bias)
+
+    def _heads(self, pre_activation: Array) -> tuple[Array, Array]:
+        loc, raw_scale = jnp.split(self.to_params(nn.relu(pre_activation)), 2, axis=-1)
+        return loc, nn.softplus(raw_scale) + LATENT_SCALE_FLOOR
 
 
 class Decoder(nn.Module):
@@ -94,19 +117,38 @@ class Decoder(nn.Module):
 
 
 class RecurrentCell(nn.Module):
-    """One step of the VRNN's recurrence, GRU or LSTM (PyTorch's gate layout and init)."""
+    """One step of the VRNN's recurrence, GRU or LSTM (PyTorch's gate layout and init), on
+    inputs [..., I]; ``project`` / ``advance`` split it into the input's product (batched over
+    all steps where the inputs are known) and the step proper."""
 
     rnn_dim: int
+    in_features: int
     cell: str = "gru"
 
-    @nn.compact
-    def __call__(self, state: State, inputs: Array) -> State:
+    def setup(self):
         gates = 3 if self.cell == "gru" else 4
-        projected = Linear(gates * self.rnn_dim, name="input")(inputs)
-        w_hh, b_hh = LinearWeights(gates * self.rnn_dim, name="hidden")(self.rnn_dim)
-        h = state if self.cell == "gru" else state[0]
+        self.input = LinearWeights(gates * self.rnn_dim)
+        self.hidden = LinearWeights(gates * self.rnn_dim)
+
+    def __call__(self, state: State, inputs: Array) -> State:
+        return self.advance(state, self.project(inputs))
+
+    def project(self, inputs: Array, bias: bool = True) -> Array:
+        """inputs [..., L] (the leading L of the I inputs) times their part of the input
+        weights, plus the bias unless ``bias`` is False."""
+        kernel, b = self.input(self.in_features)
+        projected = inputs @ kernel[: inputs.shape[-1]]
+        return projected + b if bias else projected
+
+    def project_trailing(self, inputs: Array) -> Array:
+        """The trailing inputs [..., I - L]' part, with the bias."""
+        kernel, b = self.input(self.in_features)
+        return inputs @ kernel[-inputs.shape[-1] :] + b
+
+    def advance(self, state: State, projected: Array) -> State:
+        w_hh, b_hh = self.hidden(self.rnn_dim)
         if self.cell == "gru":
-            return gru_step(h, projected, w_hh, b_hh)
+            return gru_step(state, projected, w_hh, b_hh)
         return lstm_step(state, projected, w_hh, b_hh)
 
 
@@ -127,12 +169,12 @@ def _modules(config: VRNNConfig) -> dict[str, tuple[nn.Module, tuple]]:
         "phi_x": (MLP((c.feature_dim, c.feature_dim)), (zeros((1, c.obs_dim)),)),
         "phi_z": (MLP((c.feature_dim,)), (zeros((1, c.z_dim)),)),
         "rnn": (
-            RecurrentCell(c.rnn_dim, c.rnn_cell),
+            RecurrentCell(c.rnn_dim, 2 * c.feature_dim, c.rnn_cell),
             (initial_state(c, 1), zeros((1, 2 * c.feature_dim))),
         ),
-        "prior": (GaussianStep(c.z_dim, c.hidden_dim), (zeros((1, c.state_dim)),)),
+        "prior": (GaussianStep(c.z_dim, c.hidden_dim, c.state_dim), (zeros((1, c.state_dim)),)),
         "encoder": (
-            GaussianStep(c.z_dim, c.hidden_dim),
+            GaussianStep(c.z_dim, c.hidden_dim, c.feature_dim + c.state_dim),
             (zeros((1, c.feature_dim + c.state_dim)),),
         ),
         "decoder": (Decoder(c), (zeros((1, c.feature_dim + c.state_dim)),)),
@@ -170,15 +212,45 @@ def _prior_params(nets: dict, config: VRNNConfig, g: Array) -> tuple[Array, Arra
     return nets["prior"](g)
 
 
-def run_rnn(nets: dict, config: VRNNConfig, features_x: Array, features_z: Array) -> State:
-    """The RNN over given features, [B, T, F] each: the state after every step, [B, T, ...]."""
+def scan_up_to(step, carry, inputs, num_steps: Array | None, fill=0.0):
+    """``lax.scan(step, carry, inputs)`` over time-major ``inputs`` that runs ``step`` only
+    for t < ``num_steps`` (the batch's longest sequence; None: every step). Past it, where
+    every sequence is padding, the carry is kept and the outputs are the constants ``fill``
+    (one per output, or one for all)."""
+    if num_steps is None:
+        return jax.lax.scan(step, carry, inputs)
+    total = jax.tree.leaves(inputs)[0].shape[0]
+    example = jax.eval_shape(step, carry, jax.tree.map(lambda a: a[0], inputs))[1]
+    fills = fill if isinstance(fill, tuple) else (fill,) * len(jax.tree.leaves(example))
+    filled = jax.tree.unflatten(
+        jax.tree.structure(example),
+        [jnp.full(o.shape, v, o.dtype) for o, v in zip(jax.tree.leaves(example), fills)],
+    )
 
-    def step(state, inputs):
-        state = nets["rnn"](state, jnp.concatenate(inputs, axis=-1))
+    def body(carry, indexed):
+        t, x = indexed
+        return jax.lax.cond(t < num_steps, step, lambda c, _: (c, filled), carry, x)
+
+    return jax.lax.scan(body, carry, (jnp.arange(total), inputs))
+
+
+def run_rnn(
+    nets: dict,
+    config: VRNNConfig,
+    features_x: Array,
+    features_z: Array,
+    num_steps: Array | None = None,
+) -> State:
+    """The RNN over given features, [B, T, F] each: the state after every step, [B, T, ...]
+    (zeros past ``num_steps``). The input products run for all steps at once."""
+    projected = nets["rnn"](jnp.concatenate([features_x, features_z], -1), method="project")
+
+    def step(state, projected_t):
+        state = nets["rnn"](state, projected_t, method="advance")
         return state, state
 
     start = initial_state(config, features_x.shape[0])
-    _, states = jax.lax.scan(step, start, (_time_major(features_x), _time_major(features_z)))
+    _, states = scan_up_to(step, start, _time_major(projected), num_steps)
     return jax.tree.map(_time_major, states)
 
 
@@ -213,7 +285,9 @@ class VRNNPrior(Distribution):
         if self._cache is not None and self._cache[0] is value:
             return self._cache[1]
         features_z = per_real_step(self.nets["phi_z"], self.steps, value)
-        states = run_rnn(self.nets, self.config, self.features_x, features_z)
+        states = run_rnn(
+            self.nets, self.config, self.features_x, features_z, active_steps(self.mask)
+        )
         result = features_z, _with_covariates(_hidden_before(states), self.covariates)
         self._cache = (value, result)
         return result
@@ -255,20 +329,32 @@ class VRNNPosterior(Distribution):
         super().__init__(batch_shape=(batch,), event_shape=(num_steps, config.z_dim))
 
     def _scan(self, noise: Array | None, given: Array | None):
-        """Steps the guide over time, drawing z_t = loc + scale * eps_t or taking ``given``."""
+        """Steps the guide over time, drawing z_t = loc + scale * eps_t or taking ``given``;
+        (z, loc, scale), each [B, T, Z] (0, 0, 1 past the batch's longest sequence)."""
         nets = self.nets
         batch = self.features_x.shape[0]
+        # The products with phi_x(x_t), known for every step, run once outside the loop.
+        encoder_x = nets["encoder"](self.features_x, method="project")
+        rnn_x = nets["rnn"](self.features_x, bias=False, method="project")
 
         def step(state, inputs):
-            fx_t, c_t, eps_t, given_t = inputs
+            encoder_x_t, rnn_x_t, c_t, eps_t, given_t = inputs
             g = _with_covariates(hidden_of(state), c_t)
-            loc, scale = nets["encoder"](jnp.concatenate([fx_t, g], axis=-1))
+            loc, scale = nets["encoder"](encoder_x_t, g, method="from_projection")
             z_t = loc + scale * eps_t if given_t is None else given_t
-            state = nets["rnn"](state, jnp.concatenate([fx_t, nets["phi_z"](z_t)], axis=-1))
+            features_z = nets["phi_z"](z_t)
+            projected = rnn_x_t + nets["rnn"](features_z, method="project_trailing")
+            state = nets["rnn"](state, projected, method="advance")
             return state, (z_t, loc, scale)
 
-        inputs = tuple(_time_major(a) for a in (self.features_x, self.covariates, noise, given))
-        _, outputs = jax.lax.scan(step, initial_state(self.config, batch), inputs)
+        inputs = (encoder_x, rnn_x, self.covariates, noise, given)
+        _, outputs = scan_up_to(
+            step,
+            initial_state(self.config, batch),
+            tuple(_time_major(a) for a in inputs),
+            active_steps(self.mask),
+            fill=(0.0, 0.0, 1.0),
+        )
         return tuple(_time_major(o) for o in outputs)
 
     def sample_with_intermediates(self, key, sample_shape=()):
