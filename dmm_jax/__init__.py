@@ -46,7 +46,29 @@ _SOURCES = {
     "read_checkpoint": "dmm_jax.checkpoint",
 }
 
-__all__ = sorted(_SOURCES)
+__all__ = [
+    "DMMConfig",
+    "SequenceArrays",
+    "TrainConfig",
+    "VRNNConfig",
+    "elbo_per_sequence",
+    "evaluate_split",
+    "family_of",
+    "fit",
+    "forecast",
+    "forecast_split",
+    "get_family",
+    "impute",
+    "impute_split",
+    "load_arrays",
+    "load_dataset",
+    "load_run",
+    "posterior_latents",
+    "read_checkpoint",
+    "sample_prior",
+    "save_arrays",
+    "save_checkpoint",
+]
 
 
 def __getattr__(name: str):

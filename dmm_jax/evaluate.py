@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dmm_jax import distributed
-from dmm_jax.data.arrays import SequenceArrays
-from dmm_jax.data.batching import PaddedSequences, balanced_batch_size, sorted_batches
+from dmm_jax.data.batching import balanced_batch_size, sorted_batches
+from dmm_jax.data.splits import Batchable, SequenceSplit, as_batchable
 from dmm_jax.models import family_of
 from dmm_jax.objectives import scaled_log_prob, trace_guide_and_model
 
@@ -130,7 +130,7 @@ ESTIMATORS = ("elbo", "is")
 def evaluate_split(
     params: Params,
     key: Array,
-    sequences: Sequence[np.ndarray] | PaddedSequences | SequenceArrays,
+    sequences: Batchable | SequenceSplit | Sequence[np.ndarray],
     config,
     *,
     num_samples: int = 1,
@@ -163,8 +163,7 @@ def evaluate_split(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    # Anything with ``batch``/``batch_covariates`` (PaddedSequences, SequenceArrays) is used as is.
-    data = sequences if hasattr(sequences, "batch_covariates") else PaddedSequences(sequences)
+    data = as_batchable(sequences)
     batch_size = balanced_batch_size(len(data), batch_size)  # no batch mostly empty rows
     chunk = min(sample_chunk, num_samples)
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}

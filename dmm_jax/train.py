@@ -44,6 +44,7 @@ from dmm_jax.data.batching import (
     epoch_batches,
     group_real_steps,
 )
+from dmm_jax.data.splits import Batchable, as_batchable
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.models import family_of
 from dmm_jax.real_steps import grouped_real_steps, real_steps
@@ -149,14 +150,10 @@ class TrainResult(NamedTuple):
     compiled_shapes: list[tuple[int, ...]]
 
 
-def _sequences(split: Any) -> Sequence[np.ndarray]:
-    return split.sequences if hasattr(split, "sequences") else split
-
-
-def _batchable(split: Any, name: str, config: DMMConfig) -> Any:
-    """PaddedSequences of a music split; a SequenceArrays (real-valued) as it is."""
-    data = split if hasattr(split, "batch_covariates") else PaddedSequences(_sequences(split))
-    obs_dim = data.batch(np.arange(1), 1)[0].shape[-1]
+def _batchable(split: Any, name: str, config: Any) -> Batchable:
+    """The split as padded batches (``dmm_jax.data.splits``), checked against the config."""
+    data = as_batchable(split, name)
+    obs_dim = data.padded_shape(np.arange(1), 1)[-1]
     if obs_dim != config.obs_dim:
         raise ValueError(
             f"{name} data has {obs_dim} dims per step, config.obs_dim is {config.obs_dim}"

@@ -526,3 +526,22 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Pa
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "dmm_jax"
+
+
+def test_as_batchable_takes_every_kind_of_split_and_keeps_real_values():
+    from dmm_jax.data.arrays import SequenceArrays
+    from dmm_jax.data.batching import PaddedSequences
+    from dmm_jax.data.splits import as_batchable
+
+    rolls = [np.eye(3, dtype=np.uint8), np.ones((2, 3), np.uint8)]
+    assert isinstance(as_batchable(rolls), PaddedSequences)
+    real = [np.array([[0.5, -2.0, np.nan]], np.float32), np.zeros((4, 3), np.float32)]
+    data = as_batchable(real, "train")
+    assert isinstance(data, SequenceArrays) and as_batchable(data) is data
+    x, lengths = data.batch(np.arange(2), 2)
+    assert list(lengths) == [1, 4] and x[0, 0, 0] == 0.5 and x[0, 0, 1] == -2.0
+    assert np.isnan(x[0, 0, 2])  # missing stays missing; never cast to a piano roll
+    with pytest.raises(DataError, match="train: sequences must be"):
+        as_batchable([np.zeros((2, 3)), np.zeros((2, 4))], "train")
+    with pytest.raises(DataError, match="valid: no sequences"):
+        as_batchable([], "valid")
