@@ -13,8 +13,8 @@ from numpyro import handlers
 from scipy import stats
 
 from dmm_jax.config import GUIDES, DMMConfig, TrainConfig
+from dmm_jax.flows import InverseAutoregressiveFlow
 from dmm_jax.models.dmm import guide
-from dmm_jax.nn import InverseAutoregressiveFlow
 from dmm_jax.train import UpdateStep, build_svi, init_train_state
 
 RTOL = 1e-4

@@ -51,6 +51,7 @@ from numpyro.contrib.module import flax_module
 
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain, MeanFieldPosterior, StructuredPosterior
+from dmm_jax.flows import InverseAutoregressiveFlow
 from dmm_jax.models.common import (
     observed_entries,
     previous_observations,
@@ -65,7 +66,6 @@ from dmm_jax.nn import (
     GatedTransition,
     GaussianEmitter,
     GaussianHead,
-    InverseAutoregressiveFlow,
     LinearTransition,
 )
 from dmm_jax.real_steps import RealSteps, per_real_step
