@@ -18,7 +18,7 @@ from dmm_jax import distributed
 from dmm_jax.cli import model_config_from_args, model_flags_given
 from dmm_jax.config import TrainConfig
 from dmm_jax.data import NUM_NOTES, load_dataset
-from dmm_jax.data.arrays import load_arrays
+from dmm_jax.data.arrays import ArrayDataset, load_arrays
 from dmm_jax.data.batching import PaddedSequences
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.files import atomic_write_bytes
@@ -147,20 +147,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     mesh = _mesh(args)
     run = load_run(args.checkpoint, best=args.best)
-    arrays_file = args.data if _is_arrays(args.data) else None
-    if arrays_file is None and args.dataset is None and run.metadata.get("dataset") == "arrays":
-        arrays_file = args.data or run.metadata.get("data")
-    if arrays_file is not None:
-        dataset = load_arrays(arrays_file)
-        split = dataset.split(args.split)
-    else:
-        name = args.dataset or run.metadata.get("dataset")
-        if name is None:
-            raise SystemExit(
-                "dmm-jax evaluate: the checkpoint does not name its dataset; pass --dataset"
-            )
-        dataset = load_dataset(name, args.data)
-        split = dataset.split(args.split).sequences
+    dataset = _dataset("evaluate", args, run)
+    split = dataset.split(args.split)
     result = evaluate_split(
         run.params,
         jax.random.PRNGKey(args.seed),
@@ -218,7 +206,10 @@ def _sample(args: argparse.Namespace) -> int:
         "num": args.num,
         "length": args.length,
         "seed": args.seed,
-        "notes_per_step": float(rolls.sum() / (args.num * args.length)),
+        # notes sounding per step for piano rolls, the mean drawn value otherwise
+        ("notes_per_step" if "probs" in out else "mean_value"): float(
+            rolls.sum() / (args.num * args.length) if "probs" in out else rolls.mean()
+        ),
         **written,
     }
     print(json.dumps(result))
@@ -283,18 +274,45 @@ def _forecast(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dataset(command: str, args: argparse.Namespace):
-    """The checkpoint's run and the dataset it was trained on (or --dataset)."""
-    run = load_run(args.checkpoint)
+def _dataset(command: str, args: argparse.Namespace, run):
+    """The data set ``--data`` / ``--dataset`` name, else the one the run was trained on: a
+    polyphonic data set, or an ``ArrayDataset`` of real values (a .npz file)."""
+    arrays_file = args.data if _is_arrays(args.data) else None
+    if arrays_file is None and args.dataset is None and run.metadata.get("dataset") == "arrays":
+        arrays_file = args.data or run.metadata.get("data")
+    if arrays_file is not None:
+        return load_arrays(arrays_file)
     name = args.dataset or run.metadata.get("dataset")
     _require(name is not None, command, "the checkpoint does not name its dataset; pass --dataset")
-    return run, load_dataset(name, args.data)
+    return load_dataset(name, args.data)
+
+
+def _run_dataset(command: str, args: argparse.Namespace, piano_rolls: bool = True):
+    """The checkpoint's run and its data set (``_dataset``); ``piano_rolls``: refuse
+    real-valued data, naming the file."""
+    run = load_run(args.checkpoint)
+    dataset = _dataset(command, args, run)
+    _require(
+        not piano_rolls or not isinstance(dataset, ArrayDataset),
+        command,
+        f"scores 0/1 piano rolls against a per-note baseline; {dataset.source} holds "
+        "real-valued arrays",
+    )
+    return run, dataset
+
+
+def _split_sequences(dataset, split: str) -> list[np.ndarray]:
+    """The split's sequences, each [length, X] (real values with NaN where missing)."""
+    if isinstance(dataset, ArrayDataset):
+        arrays = dataset.split(split)
+        return [arrays.x[i, :n] for i, n in enumerate(arrays.lengths)]
+    return list(dataset.split(split).sequences)
 
 
 def _posterior(args: argparse.Namespace) -> int:
     _require(args.samples >= 1, "posterior", f"--samples must be >= 1, got {args.samples}")
-    run, dataset = _run_dataset("posterior", args)
-    sequences = dataset.split(args.split).sequences
+    run, dataset = _run_dataset("posterior", args, piano_rolls=False)
+    sequences = _split_sequences(dataset, args.split)
     _require(
         0 <= args.index < len(sequences),
         "posterior",

@@ -142,3 +142,14 @@ def test_gmm_vrnn_trains_on_real_values_with_missing_entries(tmp_path, capsys):
     assert (
         np.isfinite(out["is_nll_per_step"]) and out["is_nll_per_step"] <= out["elbo_nll_per_step"]
     )
+    # The other subcommands on the real-valued checkpoint: posterior and sample work, the
+    # piano-roll scores are refused naming the file.
+    post = tmp_path / "post.npz"
+    assert main(["posterior", "--checkpoint", str(ckpt), "--samples", "3", "--out", str(post)]) == 0
+    assert _last_json(capsys)["num_steps"] >= 2 and np.load(post)["mean"].shape[1] == 3
+    assert main(["sample", "--checkpoint", str(ckpt), "--num", "2", "--length", "5"]) == 0
+    sampled = _last_json(capsys)
+    assert "notes_per_step" not in sampled and np.isfinite(sampled["mean_value"])
+    for command in (["forecast"], ["impute", "--fraction", "0.5"]):
+        with pytest.raises(SystemExit, match=f"piano rolls.*{data.name}.*real-valued"):
+            main([*command, "--checkpoint", str(ckpt)])
