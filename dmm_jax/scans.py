@@ -290,3 +290,25 @@ def _combiner_backward(mix, residuals, cotangents):
 
 
 combiner_scan.defvjp(_combiner_forward, _combiner_backward)
+
+
+def scan_up_to(step, carry, inputs, num_steps: Array | None, fill=0.0):
+    """``lax.scan(step, carry, inputs)`` over time-major ``inputs`` that runs ``step`` only
+    for t < ``num_steps`` (the batch's longest sequence; None: every step). Past it, where
+    every sequence is padding, the carry is kept and the outputs are the constants ``fill``
+    (one per output, or one for all)."""
+    if num_steps is None:
+        return jax.lax.scan(step, carry, inputs)
+    total = jax.tree.leaves(inputs)[0].shape[0]
+    example = jax.eval_shape(step, carry, jax.tree.map(lambda a: a[0], inputs))[1]
+    fills = fill if isinstance(fill, tuple) else (fill,) * len(jax.tree.leaves(example))
+    filled = jax.tree.unflatten(
+        jax.tree.structure(example),
+        [jnp.full(o.shape, v, o.dtype) for o, v in zip(jax.tree.leaves(example), fills)],
+    )
+
+    def body(carry, indexed):
+        t, x = indexed
+        return jax.lax.cond(t < num_steps, step, lambda c, _: (c, filled), carry, x)
+
+    return jax.lax.scan(body, carry, (jnp.arange(total), inputs))

@@ -17,7 +17,8 @@ from scipy import stats
 
 from dmm_jax.config import DMMConfig, config_from_dict, config_to_dict
 from dmm_jax.generate import forecast, impute, sample_prior
-from dmm_jax.models.dmm import model, previous_observations
+from dmm_jax.models.common import previous_observations
+from dmm_jax.models.dmm import model
 from dmm_jax.nn import BernoulliEmitter, GatedTransition
 
 

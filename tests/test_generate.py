@@ -19,7 +19,7 @@ from dmm_jax.generate import (
     posterior_latents,
     sample_prior,
 )
-from dmm_jax.models.dmm import sequence_mask
+from dmm_jax.models.common import sequence_mask
 from dmm_jax.nn import BackwardEncoder, Combiner
 
 

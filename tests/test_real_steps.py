@@ -11,7 +11,8 @@ from conftest import init_params, random_binary_batch
 from numpyro.infer import Trace_ELBO
 
 from dmm_jax.data.batching import epoch_batches, group_real_steps, real_step_capacities
-from dmm_jax.models.dmm import guide, model, sequence_mask
+from dmm_jax.models.common import sequence_mask
+from dmm_jax.models.dmm import guide, model
 from dmm_jax.objectives import AnalyticKLTraceELBO
 from dmm_jax.real_steps import (
     gather_rows,

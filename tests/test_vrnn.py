@@ -50,7 +50,7 @@ def _params(config, seed=0):
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
     params = {
         f"{name}$params": module.init(next(keys), *example)["params"]
-        for name, (module, example) in vrnn._modules(config).items()
+        for name, (module, example) in vrnn.modules(config).items()
         if not (name == "prior" and config.standard_prior)
     }
     leaves, tree = jax.tree.flatten(params)

@@ -6,9 +6,12 @@ obs_mask, steps)``, whose one latent site "z" holds each sequence's trajectory [
 training (``dmm_jax.train``), evaluation (``dmm_jax.evaluate``) and checkpoints take any of
 them. Generation (``dmm_jax.generate``) goes through each family's ``generation`` hooks.
 
-    family  module                      paper
+    family  subpackage                  paper
     dmm     ``dmm_jax.models.dmm``      Krishnan, Shalit & Sontag, AAAI 2017
     vrnn    ``dmm_jax.models.vrnn``     Chung et al., NeurIPS 2015
+
+Each subpackage has ``model`` (the NumPyro model and guide) and ``generation`` (its hooks);
+the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dmm_jax.config import MODEL_CONFIGS
-from dmm_jax.models import dmm, dmm_generation, vrnn
+from dmm_jax.models import dmm, vrnn
 from dmm_jax.models.common import example_covariates
 
 
@@ -48,8 +51,8 @@ class ModelFamily:
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
-        ModelFamily("dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm_generation),
-        ModelFamily("vrnn", MODEL_CONFIGS["vrnn"], vrnn.model, vrnn.guide, vrnn),
+        ModelFamily("dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm.generation),
+        ModelFamily("vrnn", MODEL_CONFIGS["vrnn"], vrnn.model, vrnn.guide, vrnn.generation),
     )
 }
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain
 from dmm_jax.emissions import emission_sample
-from dmm_jax.models.dmm import _transition_module
+from dmm_jax.models.dmm.model import transition_module
 from dmm_jax.nn import BernoulliEmitter
 
 Array = jax.Array
@@ -33,7 +33,7 @@ def _networks(params: dict, config: DMMConfig):
             "generating from a DMM needs the Bernoulli emission and no inputs or time gaps"
         )
     transition = functools.partial(
-        _transition_module(config).apply, {"params": params["transition$params"]}
+        transition_module(config).apply, {"params": params["transition$params"]}
     )
     emitter = functools.partial(
         BernoulliEmitter(config.obs_dim, config.emission_dim).apply,

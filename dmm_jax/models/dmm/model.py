@@ -73,7 +73,7 @@ from dmm_jax.real_steps import RealSteps, per_real_step
 Array = jax.Array
 
 
-def _transition_module(config: DMMConfig):
+def transition_module(config: DMMConfig):
     if config.transition == "linear":
         return LinearTransition(config.z_dim)
     return GatedTransition(config.z_dim, config.transition_dim)
@@ -111,7 +111,7 @@ def model(
         covariates = x_prev if covariates is None else jnp.concatenate([covariates, x_prev], -1)
     cov_example = () if covariates is None else (jnp.zeros((1, config.transition_covariate_dim)),)
     transition = flax_module(
-        "transition", _transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
+        "transition", transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
     )
     emitter = flax_module(
         "emitter", _emitter_module(config), input_shape=(1, config.emission_input_dim)
