@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,19 @@ def cpu_model() -> str:
 def minutes_for_5000_epochs(seconds_per_epoch: float) -> float:
     """The reference's 5000 training epochs at this speed, in minutes (aim on a GPU: <= 10)."""
     return 5000 * seconds_per_epoch / 60
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a figure depends on (absent ones left out)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "numpyro", "flax", "optax", "torch", "pyro-ppl"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def peak_rss_mib() -> float:
@@ -392,6 +406,9 @@ def main(argv=None) -> int:
     print(format_table(rows, args.epochs))
     if args.out:
         result = {
+            "command": shlex.join(["python", "benchmarks/epoch_time.py", *(argv or sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d"),
+            "versions": package_versions(),
             "machine": {
                 "cpu_count": os.cpu_count(),
                 "platform": platform.platform(),

@@ -75,6 +75,22 @@ CONFIGS = {
         "--early-stopping-patience",
         "1000",
     ],
+    # the same with the reference's weight decay of 2.0, 600 epochs, validation every 25: the
+    # run above overfits JSB after about 250 epochs
+    "vrnn-wd2": [
+        "--model",
+        "vrnn",
+        "--learning-rate",
+        "1e-3",
+        "--lr-schedule",
+        "cosine",
+        "--annealing-epochs",
+        "100",
+        "--eval-every",
+        "25",
+        "--early-stopping-patience",
+        "1000",
+    ],
     # the same, smaller: z 16, GRU 128, features and hidden layers 64, 1000 epochs
     "vrnn-small": [
         "--model",
