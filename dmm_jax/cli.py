@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_DATA_FIELDS = ("obs_dim", "input_dim", "use_dt", "custom_vjp")
+# Set from the data (the sizes and covariates) or by the library only (custom_vjp), not by flags.
+_NOT_FLAGS = ("obs_dim", "input_dim", "use_dt", "custom_vjp")
 
 
 def _model_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
@@ -94,28 +96,34 @@ def _model_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
     fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for family, config_class in MODEL_CONFIGS.items():
         for field in dataclasses.fields(config_class):
-            if field.name not in _DATA_FIELDS:
+            if field.name not in _NOT_FLAGS:
                 fields.setdefault(field.name, []).append((family, field))
     return fields
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per model config field, written once in the config dataclasses: the help is
-    the field's ``metadata["help"]`` and the defaults of each family that has it. A flag left
-    out keeps the chosen family's default."""
+    the field's ``metadata["help"]`` (each family's where they differ) and the defaults of
+    each family that has it. A flag left out keeps the chosen family's default; the config
+    checks the value and names the field when it is wrong."""
     group = parser.add_argument_group("model", "the model family and its settings")
     group.add_argument(
         "--model", choices=sorted(MODEL_CONFIGS), default="dmm", help="model family (default: dmm)"
     )
+    types = {family: typing.get_type_hints(c) for family, c in MODEL_CONFIGS.items()}
     for name, owners in _model_fields().items():
-        helps = [f.metadata.get("help") for _, f in owners if f.metadata.get("help")]
-        defaults = ", ".join(f"{family} {f.default}" for family, f in owners)
-        text = (helps[0] + "; " if helps else "") + f"default: {defaults}"
-        flag = "--" + name.replace("_", "-")
-        if owners[0][1].type in ("bool", bool):
-            group.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        helps = {family: f.metadata.get("help", "") for family, f in owners}
+        if len(set(helps.values())) == 1:
+            text = next(iter(helps.values()))
         else:
-            kind = {"int": int, "float": float}.get(str(owners[0][1].type), str)
+            text = "; ".join(f"{family}: {h}" for family, h in helps.items() if h)
+        defaults = ", ".join(f"{family} {f.default}" for family, f in owners)
+        text = (text + "; " if text else "") + f"default: {defaults}"
+        flag = "--" + name.replace("_", "-")
+        kind = types[owners[0][0]][name]
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
             group.add_argument(flag, type=kind, default=None, help=text)
 
 
@@ -241,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=_DEFAULT_TRAIN.eval_batch_size)
     _add_parallel_flags(evaluate)
 
-    sample = sub.add_parser("sample", help="draw piano rolls from the prior; MIDI files, PNGs")
+    sample = sub.add_parser(
+        "sample", help="draw sequences from the prior; MIDI files and PNGs of piano rolls"
+    )
     sample.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of dmm-jax train")
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--length", type=int, default=64, help="time steps (quarter notes) each")
@@ -320,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     try:
         return commands.COMMANDS[args.command](args)
-    except (DataError, CheckpointError, NotImplementedError) as err:
+    except (DataError, CheckpointError, NotImplementedError, FloatingPointError) as err:
         print(f"dmm-jax {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -43,8 +43,6 @@ from dmm_jax.plots import (
 )
 from dmm_jax.train import fit, load_run
 
-_DEFAULT_TRAIN = TrainConfig()
-
 
 def _mesh(args: argparse.Namespace) -> Mesh | None:
     """Joins the multi-process run if one is asked for, then the device mesh; None where the
@@ -59,9 +57,6 @@ def _mesh(args: argparse.Namespace) -> Mesh | None:
 
 def _is_arrays(data: str | None) -> bool:
     return data is not None and data.endswith(".npz")
-
-
-# Set from the data (or, custom_vjp, for tests), not from flags.
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -158,6 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         estimator=args.estimator,
         batch_size=args.batch_size,
         mesh=mesh,
+        name=f"{args.checkpoint}: {args.split} split",
     )
     result = {
         "dataset": dataset.name,
@@ -183,10 +179,11 @@ def _sample(args: argparse.Namespace) -> int:
     _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
     run = load_run(args.checkpoint)
     _require(
-        run.model_config.obs_dim == NUM_NOTES or (args.midi is None and args.png is None),
+        (run.model_config.obs_dim == NUM_NOTES and run.model_config.emission == "bernoulli")
+        or (args.midi is None and args.png is None),
         "sample",
-        f"--midi and --png need {NUM_NOTES}-key piano rolls; this model emits "
-        f"{run.model_config.obs_dim} values a step",
+        f"--midi and --png need 0/1 piano rolls of {NUM_NOTES} keys; this model emits "
+        f"{run.model_config.obs_dim} {run.model_config.emission} values a step",
     )
     out = sample_prior(
         run.params, jax.random.PRNGKey(args.seed), run.model_config, args.num, args.length

@@ -1,4 +1,6 @@
-"""Observation models p(x_t | c_t) from a conditioning feature c_t, shared by the families.
+"""Observation models p(x_t | c_t) from a conditioning feature c_t: the VRNN's, and the
+sampling and means that generation uses for every family (the DMM keeps the reference's
+emitters, ``dmm_jax.nn``).
 
     bernoulli:  p(x_t | c_t) = prod_i Bernoulli(x_ti; sigmoid(l_i(c_t)))       0/1 piano rolls
     gaussian:   p(x_t | c_t) = N(x_t; m(c_t), diag s(c_t)^2)                   real values

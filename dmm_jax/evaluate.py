@@ -77,15 +77,18 @@ def _sharded_log_weights(mesh: Mesh):
 class LogWeightStats:
     """Streaming per-sequence statistics of log importance weights w_s, s = 1..S.
 
-    Keeps sum w and sum w^2 (for the ELBO and its spread) and, relative to a running maximum m,
-    sum exp(w - m) and sum exp(2 (w - m)) (for log mean exp w and its delta-method error), so
-    any number of samples is processed in fixed-size chunks in float64.
+    Keeps the mean and the sum of squared deviations of w (Chan et al.'s pairwise update: no
+    w^2 is formed, so weights of any size keep their spread) for the ELBO and its error, and,
+    relative to a running maximum m, sum exp(w - m) and sum exp(2 (w - m)) for log mean exp w
+    and its delta-method error; any number of samples is processed in fixed-size chunks in
+    float64. A weight of -inf (a draw the model deems impossible) contributes exp(-inf) = 0; a
+    sequence whose every weight is -inf has log mean exp -inf, never NaN.
     """
 
     def __init__(self, num_sequences: int):
         self.count = 0
-        self.sum = np.zeros(num_sequences)
-        self.sum_sq = np.zeros(num_sequences)
+        self.mean = np.zeros(num_sequences)
+        self.squared_deviations = np.zeros(num_sequences)
         self.max = np.full(num_sequences, -np.inf)
         self.sum_exp = np.zeros(num_sequences)
         self.sum_exp2 = np.zeros(num_sequences)
@@ -93,35 +96,46 @@ class LogWeightStats:
     def update(self, log_weights: np.ndarray) -> None:
         """Adds draws [S_chunk, num_sequences]."""
         w = np.asarray(log_weights, np.float64)
-        self.count += w.shape[0]
-        self.sum += w.sum(0)
-        self.sum_sq += (w**2).sum(0)
-        new_max = np.maximum(self.max, w.max(0))
-        shift = np.exp(self.max - new_max)
-        self.sum_exp = self.sum_exp * shift + np.exp(w - new_max).sum(0)
-        self.sum_exp2 = self.sum_exp2 * shift**2 + np.exp(2 * (w - new_max)).sum(0)
+        n, total = w.shape[0], self.count + w.shape[0]
+        with np.errstate(invalid="ignore"):  # -inf - -inf below: handled by the where()s
+            chunk_mean = w.mean(0)
+            delta = chunk_mean - self.mean
+            chunk_deviations = ((w - chunk_mean) ** 2).sum(0)
+            self.mean = np.where(self.count, self.mean + delta * n / total, chunk_mean)
+            correction = np.where(self.count, delta**2 * self.count * n / total, 0.0)
+            self.squared_deviations = self.squared_deviations + chunk_deviations + correction
+            new_max = np.maximum(self.max, w.max(0))
+            nothing = np.isneginf(new_max)  # every weight so far -inf: the sums stay 0
+            shift = np.where(nothing, 0.0, np.exp(self.max - new_max))
+            scaled = np.where(nothing, 0.0, np.exp(w - new_max))
+        self.sum_exp = self.sum_exp * shift + scaled.sum(0)
+        self.sum_exp2 = self.sum_exp2 * shift**2 + (scaled**2).sum(0)
         self.max = new_max
+        self.count = total
 
     def elbo(self) -> np.ndarray:
-        return self.sum / self.count
+        return self.mean
 
     def elbo_variance_of_mean(self) -> np.ndarray:
         if self.count < 2:
-            return np.full_like(self.sum, np.nan)
-        var = (self.sum_sq - self.count * self.elbo() ** 2) / (self.count - 1)
-        return np.maximum(var, 0.0) / self.count
+            return np.full_like(self.mean, np.nan)
+        return self.squared_deviations / (self.count - 1) / self.count
 
     def log_mean_exp(self) -> np.ndarray:
         """The importance-sampled log p(x): log (1/S) sum_s exp(w_s)."""
-        return self.max + np.log(self.sum_exp / self.count)
+        with np.errstate(divide="ignore"):  # log 0 = -inf where every weight is -inf
+            return np.where(
+                np.isneginf(self.max), -np.inf, self.max + np.log(self.sum_exp / self.count)
+            )
 
     def log_mean_exp_variance(self) -> np.ndarray:
         """Delta method: Var[log mean] ~ Var[exp(w - m)] / (S mean(exp(w - m))^2)."""
         if self.count < 2:
-            return np.full_like(self.sum, np.nan)
+            return np.full_like(self.mean, np.nan)
         mean = self.sum_exp / self.count
         var = np.maximum(self.sum_exp2 / self.count - mean**2, 0.0) * self.count / (self.count - 1)
-        return var / (self.count * mean**2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(mean > 0, var / (self.count * mean**2), np.nan)
 
 
 ESTIMATORS = ("elbo", "is")
@@ -138,6 +152,7 @@ def evaluate_split(
     batch_size: int = 64,
     sample_chunk: int = 16,
     mesh: Mesh | None = None,
+    name: str = "split",
 ) -> dict[str, float | int | str]:
     """Negative log-likelihood per time step over a split, by the ELBO or importance sampling.
 
@@ -153,6 +168,9 @@ def evaluate_split(
     ``mesh`` (``dmm_jax.distributed.data_mesh``) each batch is split over its devices along
     sequences, all S draws of a sequence on the device holding it; the draws, hence the
     estimates, are the same as on one device.
+
+    ``name`` (e.g. "test") names the split in the error raised (FloatingPointError) when a
+    sequence's bound is not finite.
 
     Returns a dict: ``loss_per_step`` and ``elbo_nll_per_step`` (the bound), its standard
     error ``elbo_nll_per_step_se``, ``elbo_nll_per_sequence_step`` (the bound normalised per
@@ -194,6 +212,13 @@ def evaluate_split(
         per_sequence["elbo_var"][indices] = batch_stats.elbo_variance_of_mean()
         per_sequence["lme"][indices] = batch_stats.log_mean_exp()
         per_sequence["lme_var"][indices] = batch_stats.log_mean_exp_variance()
+    bad = np.flatnonzero(~np.isfinite(per_sequence["elbo"]))
+    if len(bad):  # an error naming where, never a NaN averaged into the figure
+        i = int(bad[0])
+        raise FloatingPointError(
+            f"{name}: sequence {i} ({int(data.lengths[i])} steps) has a non-finite bound "
+            f"({per_sequence['elbo'][i]}); {len(bad)} of {len(data)} sequences do"
+        )
     steps = data.num_steps
     result: dict[str, float | int | str] = {
         "estimator": estimator,

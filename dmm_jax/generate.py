@@ -175,6 +175,8 @@ def forecast_split(
     and ``model_marginal_by_step`` / ``baseline_marginal_by_step``: for each horizon step j,
     the mean over sequences of log p(x_{k+j} | x_{1:k}) (how far ahead the model still helps).
     """
+    if _generation(config).emission(config) != "bernoulli":
+        raise NotImplementedError("forecast_split scores 0/1 (Bernoulli) models only")
     if prefix_length < 1:
         raise ValueError(f"prefix_length must be >= 1, got {prefix_length}")
     if horizon < 1:
@@ -292,7 +294,9 @@ def impute(
     sequence, draws z ~ q(z | x), and redraws only the missing entries from p(x | z). The
     guide is an approximation of p(z | x), so this is a stochastic fixed point in the spirit
     of Gibbs sampling rather than an exact posterior sampler. The values of ``x`` at missing
-    entries are never read to fill them.
+    entries are never read to fill them. Where x_t also feeds later steps (the VRNN's RNN
+    state), the redraw from p(x_t | ...) does not weigh x_t's effect on them: an approximation
+    (DMM-Aug models, whose x_t conditions the next transition, are refused).
 
     Returns, each [N, T, X]:
         ``x``: the last filled sequence; observed entries (and all of ``x`` when nothing is

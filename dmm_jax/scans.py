@@ -302,6 +302,8 @@ def scan_up_to(step, carry, inputs, num_steps: Array | None, fill=0.0):
     total = jax.tree.leaves(inputs)[0].shape[0]
     example = jax.eval_shape(step, carry, jax.tree.map(lambda a: a[0], inputs))[1]
     fills = fill if isinstance(fill, tuple) else (fill,) * len(jax.tree.leaves(example))
+    if len(fills) != len(jax.tree.leaves(example)):
+        raise ValueError(f"{len(fills)} fill values for {len(jax.tree.leaves(example))} outputs")
     filled = jax.tree.unflatten(
         jax.tree.structure(example),
         [jnp.full(o.shape, v, o.dtype) for o, v in zip(jax.tree.leaves(example), fills)],

@@ -35,12 +35,10 @@ from dmm_jax.data.batching import (
 )
 from dmm_jax.models import family_of
 from dmm_jax.objectives import AnalyticKLTraceELBO
+from dmm_jax.optim import clipped_adam
 from dmm_jax.runtime import compiler_options as default_compiler_options
 
 Array = jax.Array
-
-
-from dmm_jax.optim import clipped_adam
 
 
 class TrainState(NamedTuple):

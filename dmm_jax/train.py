@@ -47,28 +47,19 @@ from dmm_jax.data.batching import (
 from dmm_jax.data.splits import Batchable, as_batchable
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.models import family_of
-from dmm_jax.real_steps import grouped_real_steps, real_steps
-
-Array = jax.Array
-
-
 from dmm_jax.optim import annealing_factor
-from dmm_jax.step import (
-    TrainState,
-    UpdateStep,
-    build_svi,
-    init_train_state,
-    real_step_plan,
-)
+from dmm_jax.real_steps import grouped_real_steps, real_steps
+from dmm_jax.step import TrainState, UpdateStep, build_svi, init_train_state, real_step_plan
 
-# Settings a resumed run may change without altering what its finished epochs computed: how
-# long it runs and how often it evaluates (the rest change the numbers).
+# Settings a resumed run may change without changing what an update computes: how long it runs,
+# how often it evaluates, and real_steps (the same numbers, up to float summation order).
 RESUMABLE_TRAIN_FIELDS = (
     "epochs",
     "eval_every",
     "eval_samples",
     "eval_batch_size",
     "early_stopping_patience",
+    "real_steps",
 )
 
 
@@ -153,6 +144,10 @@ class TrainResult(NamedTuple):
 def _batchable(split: Any, name: str, config: Any) -> Batchable:
     """The split as padded batches (``dmm_jax.data.splits``), checked against the config."""
     data = as_batchable(split, name)
+    if config.emission == "bernoulli" and isinstance(data, SequenceArrays):
+        x = data.x[~np.isnan(data.x)]
+        if np.any((x != 0) & (x != 1)):
+            raise ValueError(f"{name} data holds values other than 0/1; the emission is bernoulli")
     obs_dim = data.padded_shape(np.arange(1), 1)[-1]
     if obs_dim != config.obs_dim:
         raise ValueError(
@@ -329,15 +324,20 @@ def fit(
             if eval_sets and due:
                 params = svi.get_params(state.svi_state)
                 for name, data in eval_sets.items():
-                    result = evaluate_split(
-                        params,
-                        jax.random.fold_in(state.eval_key, epoch),
-                        data,
-                        model_config,
-                        num_samples=train_config.eval_samples,
-                        batch_size=train_config.eval_batch_size,
-                        mesh=mesh,
-                    )
+                    try:
+                        result = evaluate_split(
+                            params,
+                            jax.random.fold_in(state.eval_key, epoch),
+                            data,
+                            model_config,
+                            num_samples=train_config.eval_samples,
+                            batch_size=train_config.eval_batch_size,
+                            mesh=mesh,
+                            name=name,
+                        )
+                    except FloatingPointError as err:  # reported, and training goes on
+                        record[f"{name}_error"] = str(err)
+                        continue
                     record[f"{name}_loss_per_step"] = result["loss_per_step"]
             improved = patience > 0 and stopper.update(record)
             if stopper.stopped:
@@ -375,6 +375,9 @@ def _format_record(record: dict[str, Any]) -> str:
     for name in ("val", "test"):
         if f"{name}_loss_per_step" in record:
             line += f"  {name} {record[f'{name}_loss_per_step']:.4f}"
+    for name in ("val", "test"):
+        if f"{name}_error" in record:
+            line += f"  ({record[f'{name}_error']})"
     if record.get("skipped_updates"):
         line += f"  ({record['skipped_updates']} non-finite updates skipped)"
     return line + f" \t\t\t\t(dt = {record['seconds']:.3f} sec)"

@@ -120,3 +120,49 @@ def test_balanced_batch_size_keeps_the_batch_count_and_drops_empty_rows():
     assert balanced_batch_size(10, 64) == 10 and balanced_batch_size(1, 1) == 1
     with pytest.raises(ValueError, match="num_items >= 1"):
         balanced_batch_size(0, 64)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e150])
+def test_log_weight_stats_match_scipy_on_extreme_and_impossible_weights(scale):
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(37, 4)) * scale
+    w[:, 1] -= 1e300  # far below the others
+    w[::3, 2] = -np.inf  # some impossible draws
+    w[:, 3] = -np.inf  # every draw impossible
+    stats = LogWeightStats(4)
+    for start in range(0, 37, 8):  # chunks, as evaluate_split feeds them
+        stats.update(w[start : start + 8])
+    with np.errstate(invalid="ignore"):
+        want = logsumexp(w, axis=0) - np.log(37)
+    np.testing.assert_allclose(stats.log_mean_exp()[:3], want[:3], rtol=1e-12)
+    assert stats.log_mean_exp()[3] == -np.inf
+    np.testing.assert_allclose(stats.elbo()[:2], w[:, :2].mean(0), rtol=1e-12)
+    variance = stats.elbo_variance_of_mean()
+    np.testing.assert_allclose(variance[0], w[:, 0].var(ddof=1) / 37, rtol=1e-9)
+    assert np.isfinite(variance[1])  # squares of -1e300 would overflow; deviations do not
+    assert np.isfinite(stats.log_mean_exp_variance()[:3]).all()
+
+
+def test_a_non_finite_bound_is_an_error_naming_the_split_and_sequence(tiny_config):
+    params = {}  # never read: the weights are replaced below
+    sequences = [np.ones((3, 6), np.float32), np.ones((5, 6), np.float32)]
+
+    def weights(params, keys, x, lengths, config, covariates):
+        del params, config, covariates
+        w = np.zeros((keys.shape[0], x.shape[0]))
+        w[:, np.asarray(lengths) == 5] = np.nan
+        return w
+
+    from dmm_jax import evaluate
+
+    original = evaluate._batch_log_weights
+    evaluate._batch_log_weights = weights
+    try:
+        with pytest.raises(FloatingPointError, match=r"test: sequence 1 \(5 steps\).*1 of 2"):
+            evaluate_split(
+                params, jax.random.PRNGKey(0), sequences, tiny_config, num_samples=2, name="test"
+            )
+    finally:
+        evaluate._batch_log_weights = original

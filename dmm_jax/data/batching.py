@@ -181,10 +181,10 @@ def real_step_capacities(
     most real steps of any one micro-batch, at most its sequences * bucket.
     """
     lengths = np.asarray(lengths)
+    import jax
+
     most: dict[int, int] = {}
     for epoch in range(epochs):
-        import jax
-
         key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
         for indices in epoch_batches(key, lengths, batch_size, length_grouped):
             bucket = length_bucket(int(lengths[indices].max()))

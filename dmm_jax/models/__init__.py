@@ -10,7 +10,7 @@ them. Generation (``dmm_jax.generate``) goes through each family's ``generation`
     dmm     ``dmm_jax.models.dmm``      Krishnan, Shalit & Sontag, AAAI 2017
     vrnn    ``dmm_jax.models.vrnn``     Chung et al., NeurIPS 2015
 
-Each subpackage has ``model`` (the NumPyro model and guide) and ``generation`` (its hooks);
+Each subpackage has ``model_guide`` (the NumPyro model and guide) and ``generation`` (its hooks);
 the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``.
 """
 

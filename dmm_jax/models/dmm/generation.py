@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain
 from dmm_jax.emissions import emission_sample
-from dmm_jax.models.dmm.model import transition_module
+from dmm_jax.models.common import observed_entries
+from dmm_jax.models.dmm.model_guide import transition_module
 from dmm_jax.nn import BernoulliEmitter
 
 Array = jax.Array
@@ -54,7 +55,8 @@ def state_after(params: dict, z: Array, x: Array, lengths: Array, config: DMMCon
     started = (lengths > 0)[:, None]
     z_0, x_0 = start(params, config, z.shape[0])
     z_last = jnp.take_along_axis(z, last_step, axis=1)[:, 0]
-    x_last = jnp.take_along_axis(x, last_step, axis=1)[:, 0].astype(jnp.float32)
+    x, _ = observed_entries(x.astype(jnp.float32))  # missing entries as 0, as the model reads them
+    x_last = jnp.take_along_axis(x, last_step, axis=1)[:, 0]
     return jnp.where(started, z_last, z_0), jnp.where(started, x_last, x_0)
 
 

@@ -12,7 +12,7 @@ a trajectory z_{1:T}, runs only the RNN step by step and scores every step's pri
 emission in one batched op. Shapes as in ``dmm_jax.models.common``; S is the RNN state
 ([B, H] for the GRU, a pair of them for the LSTM).
 
-``networks`` holds the Flax networks and the recurrence over them, ``model`` the NumPyro model
+``networks`` holds the Flax networks and the recurrence over them, ``model_guide`` the NumPyro model
 and guide (which register the shared networks, phi_x, phi_z and rnn, under the same names, so
 both use one set of parameters), ``generation`` the roll-outs used by ``dmm_jax.generate``.
 The config, ``VRNNConfig``, lives in ``dmm_jax.config`` with the others (they load without JAX).
@@ -20,7 +20,7 @@ The config, ``VRNNConfig``, lives in ``dmm_jax.config`` with the others (they lo
 
 from dmm_jax.config import VRNNConfig
 from dmm_jax.models.vrnn.generation import emission, emission_params, roll_out, start, state_after
-from dmm_jax.models.vrnn.model import VRNNPosterior, VRNNPrior, guide, model
+from dmm_jax.models.vrnn.model_guide import VRNNPosterior, VRNNPrior, guide, model
 from dmm_jax.models.vrnn.networks import hidden_of, initial_state, modules, networks, run_rnn
 
 __all__ = [
