@@ -99,11 +99,14 @@ class LogWeightStats:
         n, total = w.shape[0], self.count + w.shape[0]
         with np.errstate(invalid="ignore"):  # -inf - -inf below: handled by the where()s
             chunk_mean = w.mean(0)
-            delta = chunk_mean - self.mean
             chunk_deviations = ((w - chunk_mean) ** 2).sum(0)
-            self.mean = np.where(self.count, self.mean + delta * n / total, chunk_mean)
-            correction = np.where(self.count, delta**2 * self.count * n / total, 0.0)
-            self.squared_deviations = self.squared_deviations + chunk_deviations + correction
+            if self.count == 0:
+                self.mean, self.squared_deviations = chunk_mean, chunk_deviations
+            else:
+                delta = chunk_mean - self.mean
+                self.mean = self.mean + delta * n / total
+                correction = delta**2 * self.count * n / total
+                self.squared_deviations = self.squared_deviations + chunk_deviations + correction
             new_max = np.maximum(self.max, w.max(0))
             nothing = np.isneginf(new_max)  # every weight so far -inf: the sums stay 0
             shift = np.where(nothing, 0.0, np.exp(self.max - new_max))
