@@ -46,7 +46,7 @@ from dmm_jax.data.batching import (
 )
 from dmm_jax.data.splits import Batchable, as_batchable
 from dmm_jax.evaluate import evaluate_split
-from dmm_jax.models import family_of
+from dmm_jax.models.common import example_covariates
 from dmm_jax.optim import annealing_factor
 from dmm_jax.real_steps import grouped_real_steps, real_steps
 from dmm_jax.step import TrainState, UpdateStep, build_svi, init_train_state, real_step_plan
@@ -92,7 +92,7 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
     saved = read_checkpoint(checkpoint_dir, BEST_FILE if best else CHECKPOINT_FILE)
     svi = build_svi(saved["model_config"], saved["train_config"])
     model_config = saved["model_config"]
-    covariates = family_of(model_config).example_covariates(model_config)
+    covariates = example_covariates(model_config)
     template = init_train_state(svi, saved["train_config"].seed, model_config.obs_dim, covariates)
     params = svi.get_params(template.svi_state)
     state = restore_state(template, migrate_state(saved["state"], params), saved["path"])
@@ -272,7 +272,7 @@ def fit(
     }
     steps_per_epoch = math.ceil(len(train_data) / train_config.batch_size)
     svi = build_svi(model_config, train_config, steps_per_epoch)
-    covariates = family_of(model_config).example_covariates(model_config)
+    covariates = example_covariates(model_config)
     state = init_train_state(svi, train_config.seed, model_config.obs_dim, covariates)
     history: list[dict[str, Any]] = []
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from dmm_jax.config import MODEL_CONFIGS
 from dmm_jax.models import dmm, vrnn
-from dmm_jax.models.common import example_covariates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +42,6 @@ class ModelFamily:
     model: Callable
     guide: Callable
     generation: Any = None
-
-    def example_covariates(self, config) -> dict:
-        return example_covariates(config)
 
 
 FAMILIES: dict[str, ModelFamily] = {
