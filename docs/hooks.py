@@ -55,9 +55,7 @@ def cli_reference() -> str:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return "\n".join(
-        f"## `{title}`\n\n```text\n{text.rstrip()}\n```\n" for title, text in sections
-    )
+    return "\n".join(f"## `{title}`\n\n```text\n{text.rstrip()}\n```\n" for title, text in sections)
 
 
 def changelog() -> str:
@@ -88,7 +86,7 @@ def _outside_links(markdown: str, page_path: str, docs_dir: Path) -> str:
         return f"{text} (`{path}`)"
 
     # Leave fenced code blocks alone.
-    parts = re.split(r"(^```.*?^```)", markdown, flags=re.M | re.S)
+    parts = re.split(r"(^```.*?^```)", markdown, flags=re.MULTILINE | re.DOTALL)
     return "".join(part if part.startswith("```") else _LINK.sub(replace, part) for part in parts)
 
 
@@ -97,7 +95,7 @@ class _NoUnderscoreEmphasis(Extension):
     text (``x_{1:t}``, ``(x)_t``), which Markdown would otherwise italicise. Emphasis is
     written with asterisks."""
 
-    def extendMarkdown(self, md) -> None:  # noqa: N802 (Python-Markdown's name)
+    def extendMarkdown(self, md) -> None:
         delimiters = getattr(md, "delimiters", None)
         if delimiters is not None and hasattr(delimiters, "remove"):  # Python-Markdown >= 3.11
             delimiters.remove("_")

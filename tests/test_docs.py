@@ -97,5 +97,9 @@ def test_changelog_and_api_pages_are_filled_in(site):
     first_section = next(line[3:] for line in changelog.splitlines() if line.startswith("## "))
     assert first_section in _page_text(site, "changelog/index.html")
     api = (site / "api/index.html").read_text(encoding="utf-8")
-    for name in ("dmm_jax.train.fit", "dmm_jax.config.DMMConfig", "dmm_jax.models.vrnn.model_guide"):
+    for name in (
+        "dmm_jax.train.fit",
+        "dmm_jax.config.DMMConfig",
+        "dmm_jax.models.vrnn.model_guide",
+    ):
         assert f'id="{name}"' in api, name
