@@ -7,7 +7,9 @@ when it is not there.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -18,9 +20,9 @@ import pytest
 os.environ.setdefault("DMM_JAX_COMPILE_CACHE", "none")
 
 # Most of the suite's time is compiling small programs that then run a few steps. LLVM at -O0
-# compiles them in about a third less time (the whole suite: 417 s instead of 656 s on a
-# 2-core Intel Xeon, 2026-12-03); the programs XLA builds are the same, only their machine
-# code is less optimised.
+# compiles them in about a third less time (`python -m pytest -q -n 2 --dist loadfile`: 417 s
+# instead of 656 s on a 2-core Intel Xeon, 2026-12-03); the programs XLA builds are the same,
+# only their machine code is less optimised.
 # Read when the CPU backend starts (after this), and inherited by the suite's subprocesses.
 # An optimisation level already in XLA_FLAGS wins.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -29,7 +31,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     ).strip()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def jsb_path() -> pathlib.Path:
     """Path of the shared ``jsb_chorales.json``; skips the test when it is unavailable."""
     data_dir = os.environ.get("DMM_JAX_DATA_DIR")
@@ -41,12 +43,18 @@ def jsb_path() -> pathlib.Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def jsb_dataset(jsb_path: pathlib.Path):
-    """The JSB Chorales dataset loaded from :func:`jsb_path` (never downloads)."""
+    """The JSB Chorales dataset loaded from :func:`jsb_path` (never downloads), read once per
+    process."""
+    return _load_jsb(jsb_path)
+
+
+@functools.cache
+def _load_jsb(path: pathlib.Path):
     from dmm_jax.data import load_dataset
 
-    return load_dataset("jsb_chorales", jsb_path, download=False)
+    return load_dataset("jsb_chorales", path, download=False)
 
 
 @pytest.fixture
@@ -56,7 +64,7 @@ def key():
     return jax.random.PRNGKey(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_config():
     """A small DMM (fast to compile) over 6-dimensional binary observations."""
     from dmm_jax.config import DMMConfig
@@ -89,6 +97,23 @@ def init_params(config, seed: int = 0):
         tr = handlers.trace(handlers.seed(fn, seed + i)).get_trace(x, lengths, config=config)
         params.update({n: site["value"] for n, site in tr.items() if site["type"] == "param"})
     return params
+
+
+def write_tiny_chorales(path: pathlib.Path, lengths: dict[str, list[int]]) -> pathlib.Path:
+    """A canonical dataset file at ``path``: for each split, sequences of the given lengths,
+    each step three notes among MIDI 55..74 (seeded, so the same file every time)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    splits = {
+        name: [
+            [[int(n) for n in sorted(55 + rng.choice(20, 3, replace=False))] for _ in range(t)]
+            for t in split_lengths
+        ]
+        for name, split_lengths in lengths.items()
+    }
+    path.write_text(json.dumps(splits))
+    return path
 
 
 def load_benchmark(name: str):

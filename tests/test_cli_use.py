@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import write_tiny_chorales
 
 from dmm_jax.checkpoint import save_checkpoint
 from dmm_jax.cli import main
@@ -41,18 +42,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """A canonical dataset file: train/valid/test -> sequences -> steps -> MIDI notes."""
-    rng = np.random.default_rng(0)
-
-    def split(lengths):
-        return [
-            [sorted(map(int, 55 + rng.choice(20, 3, replace=False))) for _ in range(n)]
-            for n in lengths
-        ]
-
-    path = tmp_path_factory.mktemp("data") / "tiny.json"
-    path.write_text(
-        json.dumps({"train": split([9, 12]), "valid": split([5]), "test": split([10, 4, 7])})
-    )
+    lengths = {"train": [9, 12], "valid": [5], "test": [10, 4, 7]}
+    path = write_tiny_chorales(tmp_path_factory.mktemp("data") / "tiny.json", lengths)
     return path
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import write_tiny_chorales
 
 from dmm_jax.cli import main
 from dmm_jax.config import VRNNConfig
@@ -26,18 +27,8 @@ def _last_json(capsys):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """A canonical dataset file: train/valid/test -> sequences -> steps -> MIDI notes."""
-    rng = np.random.default_rng(0)
-
-    def split(lengths):
-        return [
-            [sorted(map(int, 55 + rng.choice(20, 3, replace=False))) for _ in range(n)]
-            for n in lengths
-        ]
-
-    path = tmp_path_factory.mktemp("data") / "tiny.json"
-    splits = {"train": split([9, 12, 6, 8]), "valid": split([5]), "test": split(TEST_LENGTHS)}
-    path.write_text(json.dumps(splits))
-    return path
+    lengths = {"train": [9, 12, 6, 8], "valid": [5], "test": TEST_LENGTHS}
+    return write_tiny_chorales(tmp_path_factory.mktemp("data") / "tiny.json", lengths)
 
 
 @pytest.fixture(scope="module")
