@@ -173,9 +173,17 @@ def _require(condition: bool, command: str, message: str) -> None:
         raise SystemExit(f"dmm-jax {command}: {message}")
 
 
+def _require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """Each of the integer ``flags`` (argparse names) is at least 1, or the command exits
+    naming it."""
+    for flag in flags:
+        value = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        _require(value >= 1, args.command, f"{name} must be >= 1, got {value}")
+
+
 def _sample(args: argparse.Namespace) -> int:
-    _require(args.num >= 1, "sample", f"--num must be >= 1, got {args.num}")
-    _require(args.length >= 1, "sample", f"--length must be >= 1, got {args.length}")
+    _require_positive(args, "num", "length")
     _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
     run = load_run(args.checkpoint)
     _require(
@@ -214,10 +222,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _forecast(args: argparse.Namespace) -> int:
-    for flag in ("prefix", "horizon", "samples", "batch_size"):
-        value = getattr(args, flag)
-        name = "--" + flag.replace("_", "-")
-        _require(value >= 1, "forecast", f"{name} must be >= 1, got {value}")
+    _require_positive(args, "prefix", "horizon", "samples", "batch_size")
     run, dataset = _run_dataset("forecast", args)
     sequences = dataset.split(args.split).sequences
     key = jax.random.PRNGKey(args.seed)
@@ -307,7 +312,7 @@ def _split_sequences(dataset, split: str) -> list[np.ndarray]:
 
 
 def _posterior(args: argparse.Namespace) -> int:
-    _require(args.samples >= 1, "posterior", f"--samples must be >= 1, got {args.samples}")
+    _require_positive(args, "samples")
     run, dataset = _run_dataset("posterior", args, piano_rolls=False)
     sequences = _split_sequences(dataset, args.split)
     _require(
@@ -346,9 +351,7 @@ def _impute(args: argparse.Namespace) -> int:
         0.0 <= args.fraction <= 1.0, "impute", f"--fraction must be in [0, 1], got {args.fraction}"
     )
     _require(args.fraction > 0 or args.gap is not None, "impute", "give --fraction or --gap")
-    for flag in ("iterations", "batch_size"):
-        value = getattr(args, flag)
-        _require(value >= 1, "impute", f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    _require_positive(args, "iterations", "batch_size")
     run, dataset = _run_dataset("impute", args)
     sequences = dataset.split(args.split).sequences
     key = jax.random.PRNGKey(args.seed)

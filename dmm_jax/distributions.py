@@ -28,7 +28,7 @@ from jax.extend.random import threefry2x32_p
 from numpyro.distributions import Distribution, constraints
 
 from dmm_jax.real_steps import RealSteps, per_real_step
-from dmm_jax.scans import active_steps
+from dmm_jax.scans import active_steps, scan_up_to
 
 Array = jax.Array
 StepFn = Callable[..., tuple[Array, Array]]
@@ -282,19 +282,14 @@ class StructuredPosterior(Distribution):
         """Runs ``step(z_prev, h_t, eps_t) -> (z_t, outputs)`` over the steps up to the batch's
         last real one; after it (padding for every sequence) the outputs are the constants
         ``fill``, as in ``dmm_jax.scans.combiner_scan``. Returns the outputs, batch-major."""
-        num_steps = self.event_shape[0] if self.mask is None else active_steps(self.mask)
-        example = jax.eval_shape(step, z_start, self.hidden[:, 0], noise[:, 0])[1]
-
-        def skip(z_prev, h_t, eps_t):
-            del h_t, eps_t
-            return z_prev, tuple(jnp.full(o.shape, v, o.dtype) for o, v in zip(example, fill))
-
-        def body(z_prev, inputs):
-            h_t, eps_t, t = inputs
-            return jax.lax.cond(t < num_steps, step, skip, z_prev, h_t, eps_t)
-
-        inputs = (_time_major(self.hidden), _time_major(noise), jnp.arange(self.event_shape[0]))
-        _, outputs = jax.lax.scan(body, z_start, inputs)
+        num_steps = None if self.mask is None else active_steps(self.mask)
+        _, outputs = scan_up_to(
+            lambda z_prev, inputs: step(z_prev, *inputs),
+            z_start,
+            (_time_major(self.hidden), _time_major(noise)),
+            num_steps,
+            fill,
+        )
         return tuple(_time_major(o) for o in outputs)
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:

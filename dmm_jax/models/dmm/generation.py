@@ -17,8 +17,7 @@ from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain
 from dmm_jax.emissions import emission_sample
 from dmm_jax.models.common import observed_entries
-from dmm_jax.models.dmm.model_guide import transition_module
-from dmm_jax.nn import BernoulliEmitter
+from dmm_jax.models.dmm.model_guide import emitter_module, transition_module
 
 Array = jax.Array
 State = tuple[Array, Array]
@@ -37,7 +36,7 @@ def _networks(params: dict, config: DMMConfig):
         transition_module(config).apply, {"params": params["transition$params"]}
     )
     emitter = functools.partial(
-        BernoulliEmitter(config.obs_dim, config.emission_dim).apply,
+        emitter_module(config).apply,
         {"params": params["emitter$params"]},
     )
     return transition, emitter

@@ -79,7 +79,7 @@ def transition_module(config: DMMConfig):
     return GatedTransition(config.z_dim, config.transition_dim)
 
 
-def _emitter_module(config: DMMConfig):
+def emitter_module(config: DMMConfig):
     if config.emission == "gaussian":
         return GaussianEmitter(
             config.obs_dim,
@@ -114,7 +114,7 @@ def model(
         "transition", transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
     )
     emitter = flax_module(
-        "emitter", _emitter_module(config), input_shape=(1, config.emission_input_dim)
+        "emitter", emitter_module(config), input_shape=(1, config.emission_input_dim)
     )
     z_0 = numpyro.param("z_0", jnp.zeros(config.z_dim))
     mask = sequence_mask(lengths, num_steps)
