@@ -140,7 +140,10 @@ def main(argv=None) -> dict:
     trainer = ref.ReferenceTrainer(splits["train"][: args.sequences], seed=args.seed)
     params = jax.tree.map(jnp.asarray, ref.dmm_jax_weights(trainer.dmm))
     train_config = TrainConfig(seed=args.seed)
-    svi, transform = build_svi(DMMConfig(), train_config), clipped_adam(train_config)
+    svi, transform = (
+        build_svi(DMMConfig(numerics="reference"), train_config),
+        clipped_adam(train_config),
+    )
     with given_dmm_jax_noise() as noise_holder:
         step = training_step(svi, transform, noise_holder)
         updates, reference_error = _run(args, trainer, params, train_config, transform, step)

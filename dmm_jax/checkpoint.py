@@ -72,6 +72,11 @@ def save_checkpoint(
     return target
 
 
+# Model fields added since checkpoints were first written, with the value that reproduces
+# what an older checkpoint was trained with (its config lacks the field).
+_ADDED_FIELDS = {"dmm": {"numerics": "reference"}}
+
+
 def read_checkpoint(
     directory: str | os.PathLike, filename: str = CHECKPOINT_FILE
 ) -> dict[str, Any]:
@@ -90,8 +95,9 @@ def read_checkpoint(
         family = get_family(payload.get("model", "dmm"))
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
+    model_config = {**_ADDED_FIELDS.get(family.name, {}), **json.loads(payload["model_config"])}
     return {
-        "model_config": config_from_dict(family.config_class, json.loads(payload["model_config"])),
+        "model_config": config_from_dict(family.config_class, model_config),
         "train_config": config_from_dict(TrainConfig, json.loads(payload["train_config"])),
         "history": json.loads(payload["history"]),
         "metadata": json.loads(payload.get("metadata", "{}")),

@@ -18,6 +18,7 @@ EMISSION_NETS = ("mlp", "linear")
 EMISSION_SCALES = ("learned", "predicted", "fixed")
 EMISSIONS = ("bernoulli", "gaussian", "gmm")  # dmm_jax.emissions
 VRNN_CELLS = ("gru", "lstm")
+NUMERICS = ("stable", "reference")
 
 # The paper's inference networks (Krishnan et al. 2017, Table 1): structured (ST, conditioned on
 # z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
@@ -42,6 +43,11 @@ class DMMConfig:
     transition_dim: int = option(200, "hidden units of the gated transition")
     rnn_dim: int = option(600, "hidden units of the inference RNN")
     rnn_cell: str = option("rnn", f"inference RNN cell, one of {RNN_CELLS}")
+    numerics: str = option(
+        "stable",
+        "stable: the rnn cell's state is tanh-bounded (docs/reliability.md); "
+        "reference: the reference's ReLU cell, number for number",
+    )
     # Hand-written backward passes for the two recurrences (same values and gradients as
     # autodiff, faster); False falls back to autodiff of plain scans.
     custom_vjp: bool = True
@@ -86,6 +92,7 @@ class DMMConfig:
             "emission_net": EMISSION_NETS,
             "emission_scale": EMISSION_SCALES,
             "transition": TRANSITIONS,
+            "numerics": NUMERICS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -106,6 +113,12 @@ class DMMConfig:
             raise ValueError(f"DMMConfig.guide must be one of {GUIDES}, got {self.guide!r}")
         if not isinstance(self.num_iafs, int) or self.num_iafs < 0:
             raise ValueError(f"DMMConfig.num_iafs must be an int >= 0, got {self.num_iafs!r}")
+
+    @property
+    def encoder_activation(self) -> str:
+        """The "rnn" cell's nonlinearity: a ReLU state can grow without bound over long
+        sequences (inf, then NaN, in float32); a tanh state stays in [-1, 1]."""
+        return "relu" if self.numerics == "reference" else "tanh"
 
     @property
     def covariate_dim(self) -> int:
@@ -201,8 +214,9 @@ class TrainConfig:
     # Memory: a batch whose padded size (sequences x steps) exceeds this is differentiated in
     # micro-batches of whole sequences and their gradients summed (same estimator; activations
     # of one micro-batch in memory at a time; each micro-batch still runs on its own real
-    # steps, see real_steps). 0: never split (the reference's behaviour).
-    microbatch_steps: int = 0
+    # steps, see real_steps). 0: never split (the reference's behaviour). The default caps a
+    # training update of 20 sequences of 4000 steps near 1.5 GiB; no JSB batch is split.
+    microbatch_steps: int = 32768
     # Speed: run the per-step networks of each training batch on its real steps only (the
     # same loss and gradients; see dmm_jax.real_steps). False: on every padded step.
     real_steps: bool = True

@@ -10,6 +10,7 @@ split's total number of time steps (nats per step).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -142,6 +143,9 @@ class LogWeightStats:
 
 
 ESTIMATORS = ("elbo", "is")
+# Padded steps (draws x sequences x steps) scored per call: fewer draws per call on long
+# sequences (no JSB batch is affected). The draws themselves do not depend on it.
+EVAL_STEP_BUDGET = 2**19
 
 
 def evaluate_split(
@@ -186,7 +190,6 @@ def evaluate_split(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     data = as_batchable(sequences)
     batch_size = balanced_batch_size(len(data), batch_size)  # no batch mostly empty rows
-    chunk = min(sample_chunk, num_samples)
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
     log_weights = _batch_log_weights
     if mesh is not None:
@@ -202,6 +205,8 @@ def evaluate_split(
             raise NotImplementedError("sharded evaluation does not take inputs or dt yet")
         keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
         batch_stats = LogWeightStats(len(indices))
+        # Memory: at most EVAL_STEP_BUDGET padded steps (draws x sequences x steps) per call.
+        chunk = max(1, min(sample_chunk, num_samples, EVAL_STEP_BUDGET // math.prod(x.shape[:2])))
         for start in range(0, num_samples, chunk):
             chunk_keys = keys[start : start + chunk]
             used = len(chunk_keys)

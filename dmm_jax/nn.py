@@ -13,6 +13,7 @@ weight and bias), so the reference's hyperparameters mean the same thing here.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from dmm_jax.config import RNN_CELLS
 from dmm_jax.real_steps import RealSteps, gather_rows, scatter_rows
-from dmm_jax.scans import active_steps, combiner_scan, reverse_relu_rnn_scan
+from dmm_jax.scans import active_steps, combiner_scan, reverse_elman_scan
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
@@ -279,8 +280,9 @@ class BackwardEncoder(nn.Module):
     L starts from the learnable h_0 at its own last step L-1, and padded steps (t >= L) leave
     the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
-    ("rnn": ReLU Elman, "gru", "lstm"). The "rnn" cell uses the hand-written backward pass of
-    ``dmm_jax.scans.reverse_relu_rnn_scan`` unless ``custom_vjp`` is False. Steps after the
+    ("rnn": Elman, with ``activation`` "relu" as the reference's or "tanh", "gru", "lstm").
+    The "rnn" cell uses the hand-written backward pass of
+    ``dmm_jax.scans.reverse_elman_scan`` unless ``custom_vjp`` is False. Steps after the
     batch's last real one are skipped (a bucket's padding costs no sequential work). Given
     the batch's real ``steps`` (``dmm_jax.real_steps``), the input projection and the RNN's
     weight gradient run on those rows only (padded steps get a zero projection, unused).
@@ -289,6 +291,7 @@ class BackwardEncoder(nn.Module):
     rnn_dim: int
     cell: str = "rnn"
     custom_vjp: bool = True
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, steps: RealSteps | None = None) -> Array:
@@ -320,9 +323,12 @@ class BackwardEncoder(nn.Module):
         if self.cell == "rnn" and self.custom_vjp:
             rows = None if steps is None else steps.time_major
             num_steps = active_steps(mask)
-            states = reverse_relu_rnn_scan(x_proj, keep, carry, w_hh, b_hh, num_steps, rows)
+            states = reverse_elman_scan(
+                x_proj, keep, carry, w_hh, b_hh, num_steps, rows, self.activation
+            )
             return jnp.swapaxes(states, 0, 1)
-        step_fn = {"rnn": rnn_step, "gru": gru_step, "lstm": lstm_step}[self.cell]
+        rnn = functools.partial(elman_step, activation=self.activation)
+        step_fn = {"rnn": rnn, "gru": gru_step, "lstm": lstm_step}[self.cell]
         num_steps = active_steps(mask)
 
         def output(carry):
@@ -358,11 +364,12 @@ class ForwardEncoder(nn.Module):
     rnn_dim: int
     cell: str = "rnn"
     custom_vjp: bool = True
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
         """x [B, T, X], mask [B, T] -> hidden states [B, T, H]."""
-        rnn = BackwardEncoder(self.rnn_dim, self.cell, self.custom_vjp, name="rnn")
+        rnn = BackwardEncoder(self.rnn_dim, self.cell, self.custom_vjp, self.activation, name="rnn")
         steps = jnp.arange(x.shape[1])
         num_steps = active_steps(mask)
         order = jnp.where(steps < num_steps, num_steps - 1 - steps, steps)  # its own inverse
@@ -386,8 +393,9 @@ class GaussianHead(nn.Module):
         return loc, nn.softplus(Linear(self.z_dim, name="hidden_to_scale")(h))
 
 
-def rnn_step(h, xp, w_hh, b_hh):
-    return nn.relu(xp + h @ w_hh + b_hh)
+def elman_step(h, xp, w_hh, b_hh, activation="relu"):
+    pre = xp + h @ w_hh + b_hh
+    return nn.relu(pre) if activation == "relu" else jnp.tanh(pre)
 
 
 def gru_step(h, xp, w_hh, b_hh):

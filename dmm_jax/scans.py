@@ -63,11 +63,13 @@ def _outer_sum(a: Array, b: Array, rows: Array | None = None) -> Array:
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
-# ----------------------------------------------------------------------------- ReLU RNN
+# ----------------------------------------------------------------------------- Elman RNN
+
+ELMAN_ACTIVATIONS = ("relu", "tanh")
 
 
-@jax.custom_vjp
-def reverse_relu_rnn_scan(
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def reverse_elman_scan(
     x_proj: Array,
     keep: Array,
     h_start: Array,
@@ -75,10 +77,11 @@ def reverse_relu_rnn_scan(
     b_hh: Array,
     num_steps: Array,
     rows: Array | None = None,
+    activation: str = "relu",
 ) -> Array:
-    """A ReLU RNN run backward in time, from t = num_steps-1 down to 0:
+    """An Elman RNN run backward in time, from t = num_steps-1 down to 0:
 
-        h_t = relu(x_proj_t + h_{t+1} W_hh + b_hh) where keep_t, else h_{t+1};  h_T = h_start.
+        h_t = act(x_proj_t + h_{t+1} W_hh + b_hh) where keep_t, else h_{t+1};  h_T = h_start.
 
     Args:
         x_proj: input projections [T, B, H] (x_t W_ih + b_ih, computed outside the loop).
@@ -88,20 +91,30 @@ def reverse_relu_rnn_scan(
             ``active_steps``), where the state is h_start without running the loop.
         rows: optional [R] int32 flat indices (t * B + b) of every step where ``keep`` is
             True (out-of-range filler allowed); W_hh's gradient is then summed over them only.
+        activation: "relu" (the reference's; the state is unbounded and can grow without
+            limit over long sequences) or "tanh" (the state stays in [-1, 1]).
 
     Returns:
         states h_t [T, B, H], in time order.
     """
-    return _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows)[0]
+    return _elman_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows, activation)[0]
 
 
-def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows=None):
+def _activation(name: str):
+    if name not in ELMAN_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ELMAN_ACTIVATIONS}, got {name!r}")
+    return jax.nn.relu if name == "relu" else jnp.tanh
+
+
+def _elman_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows, activation):
+    act = _activation(activation)
+
     def step(i, carry):
         h, states = carry
         t = num_steps - 1 - i
         xp_t = jax.lax.dynamic_index_in_dim(x_proj, t, keepdims=False)
         keep_t = jax.lax.dynamic_index_in_dim(keep, t, keepdims=False)
-        h = jnp.where(keep_t, jax.nn.relu(xp_t + h @ w_hh + b_hh), h)
+        h = jnp.where(keep_t, act(xp_t + h @ w_hh + b_hh), h)
         return h, jax.lax.dynamic_update_index_in_dim(states, h, t, 0)
 
     states = jnp.broadcast_to(h_start, x_proj.shape).astype(x_proj.dtype)
@@ -109,17 +122,21 @@ def _relu_rnn_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows=None):
     return states, (states, keep, h_start, w_hh, num_steps, rows)
 
 
-def _relu_rnn_backward(residuals, g_states):
+def _elman_backward(activation, residuals, g_states):
     states, keep, h_start, w_hh, num_steps, rows = residuals
-    active = keep & (states > 0)  # where the ReLU passed its input through
+    # The activation's derivative from its output: relu' = [h > 0], tanh' = 1 - h^2.
+    if activation == "relu":
+        slope = (keep & (states > 0)).astype(states.dtype)
+    else:
+        slope = jnp.where(keep, 1.0 - states * states, 0.0)
     w_hh_t = w_hh.T
 
     def step(t, carry):
         dh_next, d_pre_all = carry
         dh = jax.lax.dynamic_index_in_dim(g_states, t, keepdims=False) + dh_next
-        active_t = jax.lax.dynamic_index_in_dim(active, t, keepdims=False)
+        slope_t = jax.lax.dynamic_index_in_dim(slope, t, keepdims=False)
         keep_t = jax.lax.dynamic_index_in_dim(keep, t, keepdims=False)
-        d_pre = jnp.where(active_t, dh, 0.0)
+        d_pre = jnp.where(keep_t, dh * slope_t, 0.0)
         dh_prev = jnp.where(keep_t, d_pre @ w_hh_t, dh)
         return dh_prev, jax.lax.dynamic_update_index_in_dim(d_pre_all, d_pre, t, 0)
 
@@ -134,7 +151,7 @@ def _relu_rnn_backward(residuals, g_states):
     return d_pre, None, dh_start, dw_hh, jnp.sum(d_pre, axis=(0, 1)), None, None
 
 
-reverse_relu_rnn_scan.defvjp(_relu_rnn_forward, _relu_rnn_backward)
+reverse_elman_scan.defvjp(_elman_forward, _elman_backward)
 
 
 # ----------------------------------------------------------------------------- guide chain

@@ -72,7 +72,7 @@ def _jax_params(ref, net) -> dict:
 def _log_densities_jax(params, x, lengths, z, annealing):
     """log p(x, z) and log q(z | x) of dmm_jax, with its z site set to ``z``."""
     args = (jnp.asarray(x), jnp.asarray(lengths), jnp.float32(annealing))
-    kwargs = {"config": DMMConfig(obs_dim=OBS_DIM, **SIZES)}
+    kwargs = {"config": DMMConfig(obs_dim=OBS_DIM, numerics="reference", **SIZES)}
     return [float(log_density(fn, args, kwargs, {**params, "z": z})[0]) for fn in (model, guide)]
 
 
@@ -183,7 +183,7 @@ def test_training_steps_match_the_reference_in_lockstep(ref):
 
     queue: list = []
     config = TrainConfig(learning_rate=lr)
-    svi = build_svi(DMMConfig(obs_dim=OBS_DIM, **SIZES), config)
+    svi = build_svi(DMMConfig(obs_dim=OBS_DIM, numerics="reference", **SIZES), config)
     transform = clipped_adam(config)
     with lockstep.given_dmm_jax_noise() as holder:
         step = lockstep.training_step(svi, transform, holder)

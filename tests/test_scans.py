@@ -21,10 +21,12 @@ def _assert_trees_close(a, b, rtol=RTOL):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale)
 
 
-def test_relu_rnn_backward_matches_autodiff(key):
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_elman_rnn_backward_matches_autodiff(key, activation):
     x, lengths = random_binary_batch(0, 5, 11, 6, lengths=[11, 3, 0, 8, 11])
     mask = jnp.arange(11)[None] < lengths[:, None]
-    fast, plain = BackwardEncoder(12, "rnn", True), BackwardEncoder(12, "rnn", False)
+    fast = BackwardEncoder(12, "rnn", True, activation)
+    plain = BackwardEncoder(12, "rnn", False, activation)
     params = fast.init(key, x, mask)
     params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero h_0, biases shifted
     weights = jax.random.normal(jax.random.PRNGKey(1), (5, 11, 12))

@@ -166,19 +166,20 @@ def guide(
     structured = config.guide.startswith("st")
     x_init = jnp.zeros((1, 1, config.obs_dim + config.covariate_dim))
     mask_init = jnp.ones((1, 1), dtype=bool)
+    activation = config.encoder_activation
     # Registration order is fixed (it decides the initial parameters drawn from the key):
     # ST-R registers exactly what it always has, in the same order.
     if uses_right:
         encoder = flax_module(
             "encoder",
-            BackwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp),
+            BackwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp, activation),
             x_init,
             mask_init,
         )
     if uses_left:
         encoder_left = flax_module(
             "encoder_left",
-            ForwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp),
+            ForwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp, activation),
             x_init,
             mask_init,
         )

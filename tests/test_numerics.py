@@ -1,0 +1,85 @@
+"""Numerics on long sequences: the unbounded ReLU state of the reference's encoder overflows
+in float32, the default ("stable") tanh state does not; the reference-exact numerics stay
+available and old checkpoints keep them."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+from conftest import init_params, random_binary_batch
+
+from dmm_jax.config import DMMConfig
+from dmm_jax.evaluate import elbo_per_sequence
+from dmm_jax.nn import BackwardEncoder
+
+SMALL = {"obs_dim": 6, "z_dim": 3, "emission_dim": 5, "transition_dim": 7, "rnn_dim": 8}
+
+
+def _amplified(params, gain=1.3):
+    """The encoder's recurrence set to gain * I: a spectral radius above 1, as training can
+    reach, under which a ReLU state grows as gain^t."""
+    encoder = dict(params["encoder$params"])
+    encoder["w_hh"] = gain * jnp.eye(encoder["w_hh"].shape[0])
+    encoder["b_hh"] = jnp.abs(encoder["b_hh"]) + 0.1
+    return {**params, "encoder$params": encoder}
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_elman_state_over_long_sequences(key, activation):
+    steps = 600
+    encoder = BackwardEncoder(8, "rnn", True, activation)
+    x = jnp.ones((2, steps, 3))
+    mask = jnp.ones((2, steps), bool)
+    params = encoder.init(key, x, mask)
+    params["params"]["w_hh"] = 1.3 * jnp.eye(8)
+    params["params"]["w_ih"] = jnp.abs(params["params"]["w_ih"])
+    states = encoder.apply(params, x, mask)
+    if activation == "relu":  # 1.3^600 is far beyond float32's range
+        assert not np.all(np.isfinite(states))
+    else:
+        assert np.all(np.isfinite(states)) and float(jnp.max(jnp.abs(states))) <= 1.0
+
+
+def _loss_and_grads(numerics, key, steps=600):
+    config = DMMConfig(**SMALL, numerics=numerics)
+    x, lengths = random_binary_batch(3, 3, steps, SMALL["obs_dim"], lengths=[steps, 400, 40])
+    params = _amplified(init_params(config))
+
+    def loss(p):
+        return -jnp.sum(elbo_per_sequence(p, key, x, lengths, config=config))
+
+    return jax.value_and_grad(loss)(params)
+
+
+def test_stable_numerics_keep_long_sequences_finite(key):
+    loss, grads = _loss_and_grads("stable", key)
+    assert np.isfinite(float(loss))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_reference_numerics_overflow_where_stable_ones_do_not(key):
+    with numpyro.validation_enabled(False):  # else the overflowed logits are refused
+        loss, _ = _loss_and_grads("reference", key)
+    assert not np.isfinite(float(loss))
+
+
+def test_numerics_choice_is_checked_and_stable_by_default():
+    assert DMMConfig().numerics == "stable"
+    assert DMMConfig().encoder_activation == "tanh"
+    assert DMMConfig(numerics="reference").encoder_activation == "relu"
+    with pytest.raises(ValueError, match="DMMConfig.numerics must be one of"):
+        DMMConfig(numerics="fast")
+
+
+def test_numerics_change_only_the_elman_cell(key):
+    """With a GRU encoder both settings are the same model, number for number."""
+    x, lengths = random_binary_batch(4, 2, 9, SMALL["obs_dim"], lengths=[9, 5])
+    stable = DMMConfig(**SMALL, rnn_cell="gru")
+    reference = dataclasses.replace(stable, numerics="reference")
+    params = init_params(stable)
+    a = elbo_per_sequence(params, key, x, lengths, config=stable)
+    b = elbo_per_sequence(params, key, x, lengths, config=reference)
+    np.testing.assert_array_equal(a, b)
