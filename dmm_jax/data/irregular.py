@@ -157,7 +157,9 @@ def split_observed_targets(
             slots, targets = the whole series. ``"extrapolate"``: with m_i = (t_i[0] +
             t_i[last]) / 2, observed = the points with t < m_i (subsampled if asked), targets =
             the points with t >= m_i, each packed from slot 0 with its own lengths. Needs at
-            least two points per series, which makes both halves non-empty.
+            least two points per series, which makes both halves non-empty. (The reference
+            code cuts its one shared grid at index T // 2, near the midpoint for uniform times;
+            the midpoint also serves series with their own times and lengths.)
         subsample: if set, each series keeps ``subsample`` random observed time points of
             ``observed`` (all of them if it has fewer) and the others become NaN; the time slots
             stay. The reference code redraws this every time it forms a batch; call again with
@@ -282,9 +284,7 @@ def _numeric(value, name: str, ndim: int, kinds: str, source: str) -> np.ndarray
         raise DataError(f"{source}: {name} must be {kind}, got dtype {array.dtype}")
     if array.ndim != ndim:
         dims = {"t": "[N, T]", "x": "[N, T, D]", "lengths": "[N]"}[name]
-        raise DataError(
-            f"{source}: {name} must have {ndim} dimensions {dims}, got shape {array.shape}"
-        )
+        raise DataError(f"{source}: {name} must be {ndim}-D {dims}, got shape {array.shape}")
     return array
 
 
@@ -324,9 +324,7 @@ def _normalised(t, x, lengths, source: str) -> tuple[np.ndarray, np.ndarray, np.
     where = np.argwhere(real[..., None] & np.isinf(x))
     if len(where):
         i, j, d = where[0]
-        raise DataError(
-            f"{source}: x[{i}, {j}, {d}] is infinite (use NaN for an unobserved value)"
-        )
+        raise DataError(f"{source}: x[{i}, {j}, {d}] is infinite (use NaN for an unobserved value)")
     last = t[np.arange(len(lengths)), lengths - 1]
     t = np.where(real, t, last[:, None]).astype(np.float32)
     x = np.where(real[..., None], x, np.nan).astype(np.float32)
