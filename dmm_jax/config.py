@@ -19,6 +19,7 @@ EMISSION_SCALES = ("learned", "predicted", "fixed")
 EMISSIONS = ("bernoulli", "gaussian", "gmm")  # dmm_jax.emissions
 VRNN_CELLS = ("gru", "lstm")
 NUMERICS = ("stable", "reference")
+LATENT_ODE_ENCODERS = ("ode-rnn", "rnn")
 
 # The paper's inference networks (Krishnan et al. 2017, Table 1): structured (ST, conditioned on
 # z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
@@ -180,6 +181,53 @@ class VRNNConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentODEConfig:
+    """Sizes and choices of a Latent ODE. Times come from the data's ``dt`` (its cumulative
+    sum; ``dt[:, 0]`` is a series' first time), or are 0, 1, 2, ... without it. Defaults are
+    those of the paper's reference code for its periodic data."""
+
+    obs_dim: int = option(1, "observation dims per step (from the data)")
+    z_dim: int = option(10, "latent dims (z_0 and the ODE's state)")
+    rnn_dim: int = option(20, "hidden units of the encoder's GRU")
+    units: int = option(100, "hidden units of each ODE function's two tanh layers")
+    encoder: str = option("ode-rnn", f"q(z_0)'s encoder, one of {LATENT_ODE_ENCODERS}")
+    euler_steps: int = option(4, "Euler sub-steps of the ODE-RNN encoder between observations")
+    obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
+    rtol: float = option(1e-3, "relative tolerance of the adaptive solver")
+    atol: float = option(1e-4, "absolute tolerance of the adaptive solver")
+    max_solver_steps: int = 4096
+    input_dim: int = 0
+    use_dt: bool = False
+
+    def __post_init__(self):
+        for field in ("obs_dim", "z_dim", "rnn_dim", "units", "euler_steps", "max_solver_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LatentODEConfig.{field} must be a positive int, got {value!r}")
+        if self.encoder not in LATENT_ODE_ENCODERS:
+            raise ValueError(
+                f"LatentODEConfig.encoder must be one of {LATENT_ODE_ENCODERS}, "
+                f"got {self.encoder!r}"
+            )
+        for field in ("obs_std", "rtol", "atol"):
+            if not getattr(self, field) > 0:
+                raise ValueError(
+                    f"LatentODEConfig.{field} must be positive, got {getattr(self, field)!r}"
+                )
+        if self.input_dim:
+            raise ValueError("LatentODEConfig takes no control inputs (input_dim must be 0)")
+
+    @property
+    def emission(self) -> str:
+        """The decoder's observation model: N(W z(t) + b, obs_std^2), real values."""
+        return "gaussian"
+
+    @property
+    def covariate_dim(self) -> int:
+        return int(self.use_dt)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, annealing, batching and evaluation settings.
 
@@ -267,7 +315,7 @@ class TrainConfig:
 
 
 # The model families' configs by name (``dmm_jax.models`` pairs them with their models).
-MODEL_CONFIGS = {"dmm": DMMConfig, "vrnn": VRNNConfig}
+MODEL_CONFIGS = {"dmm": DMMConfig, "vrnn": VRNNConfig, "latent-ode": LatentODEConfig}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

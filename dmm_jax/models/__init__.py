@@ -9,6 +9,7 @@ them. Generation (``dmm_jax.generate``) goes through each family's ``generation`
     family  subpackage                  paper
     dmm     ``dmm_jax.models.dmm``      Krishnan, Shalit & Sontag, AAAI 2017
     vrnn    ``dmm_jax.models.vrnn``     Chung et al., NeurIPS 2015
+    latent-ode ``dmm_jax.models.latent_ode``  Rubanova, Chen & Duvenaud, NeurIPS 2019
 
 Each subpackage has ``model_guide`` (the NumPyro model and guide) and ``generation`` (its hooks);
 the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``.
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dmm_jax.config import MODEL_CONFIGS
-from dmm_jax.models import dmm, vrnn
+from dmm_jax.models import dmm, latent_ode, vrnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ FAMILIES: dict[str, ModelFamily] = {
     for family in (
         ModelFamily("dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm.generation),
         ModelFamily("vrnn", MODEL_CONFIGS["vrnn"], vrnn.model, vrnn.guide, vrnn.generation),
+        ModelFamily("latent-ode", MODEL_CONFIGS["latent-ode"], latent_ode.model, latent_ode.guide),
     )
 }
 

@@ -1,0 +1,99 @@
+"""The Latent ODE's NumPyro model and guide (Rubanova, Chen & Duvenaud, NeurIPS 2019).
+
+    model:  z_0 ~ N(0, I),  z(t) = ODESolve(f, z_0, t_0, t),  x_t ~ N(W z(t_t) + b, obs_std^2)
+    guide:  q(z_0 | x) = N(mu(h_0), sigma(h_0)^2),  h_0 = Encoder(x_{T..0}) (ODE-RNN or RNN)
+
+The times of a series come from ``dt`` (``dt[:, 0]`` is its first time), so the family trains
+on the same padded batches as the others: ``x`` [B, T, D] with NaN (or ``obs_mask`` False)
+where an entry was not observed, ``lengths`` [B]. The latent site "z" holds z_0 [B, Z]; the
+annealing factor scales its log densities (KL annealing) as for the other families.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.contrib.module import flax_module
+
+from dmm_jax.config import LatentODEConfig
+from dmm_jax.models.common import observed_entries, sequence_mask
+from dmm_jax.models.latent_ode.networks import (
+    GaussianHead,
+    ODEFunction,
+    encode,
+    series_times,
+    solve,
+)
+
+Array = jax.Array
+
+
+def model(
+    x: Array,
+    lengths: Array,
+    annealing_factor: Array | float = 1.0,
+    *,
+    config: LatentODEConfig,
+    inputs: Array | None = None,
+    dt: Array | None = None,
+    obs_mask: Array | None = None,
+    steps=None,  # the batch's real steps: every step is solved, nothing to skip
+):
+    """p(x, z_0) for each series of the batch; returns the latent path z(t) [B, T, Z]."""
+    del inputs, steps
+    batch, num_steps, _ = x.shape
+    times = series_times(dt, batch, num_steps)
+    x, present = observed_entries(x, obs_mask)
+    f = flax_module("ode", ODEFunction(config.z_dim, config.units), input_shape=(1, config.z_dim))
+    decoder = flax_module(
+        "decoder",
+        nn.Dense(config.obs_dim, kernel_init=nn.initializers.normal(0.1)),
+        input_shape=(1, config.z_dim),
+    )
+    mask = sequence_mask(lengths, num_steps)
+    with numpyro.plate("sequences", batch):
+        with handlers.scale(scale=annealing_factor):
+            prior = dist.Normal(jnp.zeros((batch, config.z_dim)), 1.0).to_event(1)
+            z0 = numpyro.sample("z", prior)
+        path = solve(f, z0, times, config)
+        emission = dist.Normal(decoder(path), config.obs_std)
+        numpyro.sample("x", emission.mask(present).to_event(1).mask(mask).to_event(1), obs=x)
+    return path
+
+
+def guide(
+    x: Array,
+    lengths: Array,
+    annealing_factor: Array | float = 1.0,
+    *,
+    config: LatentODEConfig,
+    inputs: Array | None = None,
+    dt: Array | None = None,
+    obs_mask: Array | None = None,
+    steps=None,
+):
+    """q(z_0 | x) from the encoder run backward over each series; returns z_0 [B, Z]."""
+    del inputs, steps
+    batch, num_steps, obs_dim = x.shape
+    times = series_times(dt, batch, num_steps)
+    x, present = observed_entries(x, obs_mask)
+    hidden = config.rnn_dim
+    gru_in = 2 * obs_dim + (1 if config.encoder == "rnn" else 0)
+    nets = {
+        "gru": flax_module(
+            "gru", nn.GRUCell(hidden), jnp.zeros((1, hidden)), jnp.zeros((1, gru_in))
+        )
+    }
+    if config.encoder == "ode-rnn":
+        nets["encoder_ode"] = flax_module(
+            "encoder_ode", ODEFunction(hidden, config.units), input_shape=(1, hidden)
+        )
+    head = flax_module("z0_head", GaussianHead(config.z_dim, config.units), input_shape=(1, hidden))
+    h = encode(nets, x, present, times, sequence_mask(lengths, num_steps), config)
+    loc, scale = head(h)
+    with numpyro.plate("sequences", batch), handlers.scale(scale=annealing_factor):
+        return numpyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -1,0 +1,125 @@
+"""The Latent ODE's networks and the two recurrences over observation times.
+
+    ODE function   dz/dt = f(z): two tanh layers of ``units`` (autonomous, as the paper's)
+    ODE-RNN        between observations h evolves by dh/dt = f_h(h) (fixed Euler sub-steps);
+                   at an observation, h = GRU(h, [x_t, m_t]) (m_t: which entries are observed)
+    RNN            h = GRU(h, [x_t, m_t, gap_t]): the time gap is an input (RNN-dt)
+
+Both encoders read the series backward in time, so their last state summarises x_{0:T}
+at t_0 and gives q(z_0). Weights start as the reference's: N(0, 0.1^2), zero biases.
+"""
+
+from __future__ import annotations
+
+import diffrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmm_jax.config import LatentODEConfig
+
+Array = jax.Array
+
+_INIT = {"kernel_init": nn.initializers.normal(0.1), "bias_init": nn.initializers.zeros}
+
+
+class ODEFunction(nn.Module):
+    """f(z) = W_3 tanh(W_2 tanh(W_1 z + b_1) + b_2) + b_3."""
+
+    dim: int
+    units: int
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        h = jnp.tanh(nn.Dense(self.units, **_INIT)(z))
+        h = jnp.tanh(nn.Dense(self.units, **_INIT)(h))
+        return nn.Dense(self.dim, **_INIT)(h)
+
+
+class GaussianHead(nn.Module):
+    """[..., H] -> (loc, scale) of a diagonal Gaussian over ``dim`` entries."""
+
+    dim: int
+    units: int
+
+    @nn.compact
+    def __call__(self, h: Array) -> tuple[Array, Array]:
+        out = nn.Dense(2 * self.dim, **_INIT)(jnp.tanh(nn.Dense(self.units, **_INIT)(h)))
+        return out[..., : self.dim], nn.softplus(out[..., self.dim :]) + 1e-4
+
+
+def series_times(dt: Array | None, batch: int, num_steps: int) -> Array:
+    """Observation times [B, T]: the cumulative sum of dt (dt[:, 0] is t_0, the time from the
+    origin), or 0, 1, 2, ... without dt. Padding has dt = 0, so it repeats the last time."""
+    if dt is None:
+        return jnp.broadcast_to(jnp.arange(num_steps, dtype=jnp.float32), (batch, num_steps))
+    return jnp.cumsum(dt, axis=1)
+
+
+def solve(f, z0: Array, times: Array, config: LatentODEConfig) -> Array:
+    """z(t) [B, T, Z] at every series' own times from z(times[:, 0]) = z0 [B, Z], each series
+    solved by adaptive Dopri5 (rtol, atol of the config) and differentiated through the
+    solver's steps. Repeated times (padding) are allowed."""
+    term = diffrax.ODETerm(lambda t, z, args: f(z))
+    controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
+
+    def one(z0_b, ts):
+        solution = diffrax.diffeqsolve(
+            term,
+            diffrax.Dopri5(),
+            t0=ts[0],
+            t1=ts[-1],
+            dt0=None,
+            y0=z0_b,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=controller,
+            max_steps=config.max_solver_steps,
+        )
+        return solution.ys
+
+    return jax.vmap(one)(z0, times)
+
+
+def encode(nets: dict, x: Array, present: Array, times: Array, mask: Array, config) -> Array:
+    """The encoder's state at each series' first time, [B, H], reading x backward in time.
+
+    ``nets``: "gru" (a bound GRU cell) and, for the ODE-RNN, "encoder_ode" (f_h). A padded
+    step leaves the state and the clock as they are; a step with nothing observed only
+    evolves the state (ODE-RNN) to its time.
+    """
+    batch = x.shape[0]
+    observed = present.astype(x.dtype)
+    last = jnp.take_along_axis(times, jnp.maximum(mask.sum(1) - 1, 0)[:, None], axis=1)[:, 0]
+    step_inputs = jnp.concatenate([jnp.where(present, x, 0.0), observed], axis=-1)
+    h0 = jnp.zeros((batch, config.rnn_dim), x.dtype)
+
+    def evolve(h, gap):  # Euler sub-steps of dh/dt = f_h(h) over gap (negative: backward)
+        step = (gap / config.euler_steps)[:, None]
+
+        def sub_step(_, h):
+            return h + step * nets["encoder_ode"](h)
+
+        return jax.lax.fori_loop(0, config.euler_steps, sub_step, h)
+
+    def step(carry, inputs):
+        h, clock = carry
+        inp, t, real, any_observed = inputs
+        gap = t - clock  # <= 0
+        if config.encoder == "ode-rnn":
+            h_ode = evolve(h, gap)
+        else:
+            h_ode, inp = h, jnp.concatenate([inp, -gap[:, None]], axis=-1)
+        h_new, _ = nets["gru"](h_ode, inp)
+        h_new = jnp.where(any_observed[:, None], h_new, h_ode)
+        h = jnp.where(real[:, None], h_new, h)
+        clock = jnp.where(real, t, clock)
+        return (h, clock), None
+
+    inputs = (
+        jnp.swapaxes(step_inputs, 0, 1),
+        times.T,
+        mask.T,
+        jnp.any(present, axis=-1).T,
+    )
+    (h, _), _ = jax.lax.scan(step, (h0, last), inputs, reverse=True)
+    return h
