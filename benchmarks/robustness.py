@@ -103,7 +103,7 @@ def nottingham(args, workdir: Path) -> dict:
 
 def numerics(args, workdir: Path) -> dict:
     runs = []
-    for setting in ("stable", "reference"):
+    for setting in args.numerics:
         flags = ["--dataset", "jsb", "--epochs", str(args.epochs), "--seed", str(args.seed)]
         flags += ["--numerics", setting, "--eval-every", str(args.eval_every), *data_flags(args)]
         run = train_run(flags, workdir / f"jsb_{setting}.jsonl")
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument(
+        "--numerics", nargs="+", default=["stable", "reference"], help="numerics: settings to run"
+    )
     parser.add_argument("--samples", type=int, default=500, help="IS draws per test sequence")
     parser.add_argument("--batch", type=int, default=20, help="long: sequences per split")
     parser.add_argument("--steps", type=int, default=4000, help="long: steps per sequence")

@@ -20,6 +20,7 @@ _SOURCES = {
     # configs
     "DMMConfig": "dmm_jax.config",
     "VRNNConfig": "dmm_jax.config",
+    "LatentODEConfig": "dmm_jax.config",
     "TrainConfig": "dmm_jax.config",
     # model families
     "get_family": "dmm_jax.models",
@@ -48,6 +49,7 @@ _SOURCES = {
 
 __all__ = [
     "DMMConfig",
+    "LatentODEConfig",
     "SequenceArrays",
     "TrainConfig",
     "VRNNConfig",

@@ -123,7 +123,7 @@ def test_posterior_summaries_match_the_guide_first_step_in_closed_form(tiny_conf
     assert bool(jnp.all(jnp.diff(out["quantiles"][:, 0], axis=0) >= 0))
 
     c = tiny_config
-    hidden = BackwardEncoder(c.rnn_dim, c.rnn_cell).apply(
+    hidden = BackwardEncoder(c.rnn_dim, c.rnn_cell, activation=c.encoder_activation).apply(
         {"params": params["encoder$params"]}, x, sequence_mask(lengths, 5)
     )
     loc, scale = Combiner(c.z_dim, c.rnn_dim).apply(

@@ -33,13 +33,14 @@ def _perturbed_params(config, seed=0):
     return jax.tree.unflatten(tree, leaves)
 
 
-def _relu_rnn(x, length, p, forward):
-    """h_t of a ReLU RNN over x_{1:t} (forward) or x_{t:T} (backward), one sequence, [T, H]."""
+def _elman_rnn(x, length, p, forward, activation):
+    """h_t of an Elman RNN over x_{1:t} (forward) or x_{t:T} (backward), one sequence, [T, H]."""
     x, w_ih, b_ih = np.asarray(x, np.float64), np.asarray(p["w_ih"]), np.asarray(p["b_ih"])
     w_hh, b_hh, h = np.asarray(p["w_hh"]), np.asarray(p["b_hh"]), np.asarray(p["h_0"], np.float64)
     states = np.zeros((x.shape[0], h.shape[0]))
     for t in range(length) if forward else reversed(range(length)):
-        h = np.maximum(x[t] @ w_ih + b_ih + h @ w_hh + b_hh, 0.0)
+        pre = x[t] @ w_ih + b_ih + h @ w_hh + b_hh
+        h = np.maximum(pre, 0.0) if activation == "relu" else np.tanh(pre)
         states[t] = h
     return states
 
@@ -53,9 +54,15 @@ def _reference_draw(params, config, x, length, eps, flow):
     name = config.guide
     h_parts = []
     if name in ("st-l", "st-lr", "mf-l", "mf-lr"):
-        h_parts.append(_relu_rnn(x, length, params["encoder_left$params"]["rnn"], forward=True))
+        h_parts.append(
+            _elman_rnn(
+                x, length, params["encoder_left$params"]["rnn"], True, config.encoder_activation
+            )
+        )
     if name in ("st-r", "st-lr", "mf-lr"):
-        h_parts.append(_relu_rnn(x, length, params["encoder$params"], forward=False))
+        h_parts.append(
+            _elman_rnn(x, length, params["encoder$params"], False, config.encoder_activation)
+        )
     h_sum = sum(h_parts)
     z_prev = np.asarray(params.get("z_q_0", np.zeros(config.z_dim)), np.float64)
     z_out, log_q = np.zeros((length, config.z_dim)), 0.0

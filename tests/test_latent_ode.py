@@ -162,3 +162,32 @@ def test_padding_leaves_the_elbo_unchanged(key):
 def test_bad_settings_are_refused_by_name(field, value, message):
     with pytest.raises(ValueError, match=message):
         LatentODEConfig(**{field: value})
+
+
+def test_task_mse_is_the_squared_error_of_the_decoded_path_at_the_targets(key):
+    """With f = 0 the path stays at z_0, so every prediction is W z_0 + b; with W = 0 it is
+    b: the MSE is then the mean squared distance of the targets from b, for either task."""
+    from dmm_jax.data.irregular import periodic_dataset
+    from dmm_jax.models.latent_ode.prediction import task_mse
+
+    config = LatentODEConfig(obs_dim=1, z_dim=3, rnn_dim=5, units=8, use_dt=True)
+    for extrapolate in (False, True):
+        task = periodic_dataset(n=10, n_points=12, subsample=6, extrapolate=extrapolate)["test"]
+        x = jnp.zeros((1, 2, 1))
+        params = _params(config, x, jnp.array([2]), jnp.ones((1, 2)))
+        params["ode$params"] = jax.tree.map(jnp.zeros_like, params["ode$params"])
+        params["decoder$params"] = {"kernel": jnp.zeros((3, 1)), "bias": jnp.array([1.25])}
+        got = task_mse(params, key, config, task)
+        targets = task.targets.x[task.targets.mask]
+        np.testing.assert_allclose(got, np.mean((targets - 1.25) ** 2), rtol=1e-5)
+
+
+def test_irregular_series_become_the_padded_batches_with_their_times(key):
+    from dmm_jax.data.irregular import IrregularSeries, as_sequence_arrays
+
+    t = np.array([[0.5, 1.0, 2.5], [0.0, 0.25, 0.0]], np.float32)
+    x = np.array([[[1.0], [np.nan], [3.0]], [[4.0], [5.0], [0.0]]], np.float32)
+    arrays = as_sequence_arrays(IrregularSeries(t, x, np.array([3, 2], np.int32)))
+    np.testing.assert_allclose(arrays.dt, [[0.5, 0.5, 1.5], [0.0, 0.25, 0.0]])
+    np.testing.assert_allclose(series_times(jnp.asarray(arrays.dt), 2, 3)[0], t[0])
+    assert np.isnan(arrays.x[0, 1, 0]) and arrays.x[1, 2, 0] == 0.0  # missing; padding

@@ -45,7 +45,7 @@ def test_closed_form_kl_per_step_matches_a_python_loop(tiny_config, key):
 
     f64 = functools.partial(jax.tree.map, lambda a: np.asarray(a, np.float64))
     mask = jnp.arange(5)[None] < lengths[:, None]
-    hidden = BackwardEncoder(cfg.rnn_dim, cfg.rnn_cell).apply(
+    hidden = BackwardEncoder(cfg.rnn_dim, cfg.rnn_cell, activation=cfg.encoder_activation).apply(
         {"params": params["encoder$params"]}, x, mask
     )
     combiner = jax.jit(Combiner(cfg.z_dim, cfg.rnn_dim).apply)

@@ -329,3 +329,14 @@ def _normalised(t, x, lengths, source: str) -> tuple[np.ndarray, np.ndarray, np.
     t = np.where(real, t, last[:, None]).astype(np.float32)
     x = np.where(real[..., None], x, np.nan).astype(np.float32)
     return t, x, lengths
+
+
+def as_sequence_arrays(series: IrregularSeries, source: str = "irregular series"):
+    """The series as :class:`dmm_jax.data.arrays.SequenceArrays`, the padded batches every
+    model family trains on: ``x`` (NaN where not observed) and ``dt`` with dt[:, 0] = t_0 and
+    dt[:, k] = t_k - t_{k-1} (0 on padding), from which the Latent ODE rebuilds the times."""
+    from dmm_jax.data.arrays import SequenceArrays
+
+    t = series.t.astype(np.float64)
+    dt = np.where(series.real, np.diff(t, axis=1, prepend=0.0), 0.0)
+    return SequenceArrays(series.x, series.lengths, dt=dt.astype(np.float32), source=source)

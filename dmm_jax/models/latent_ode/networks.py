@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dmm_jax.config import LatentODEConfig
+from dmm_jax.scans import active_steps
 
 Array = jax.Array
 
@@ -115,11 +116,17 @@ def encode(nets: dict, x: Array, present: Array, times: Array, mask: Array, conf
         clock = jnp.where(real, t, clock)
         return (h, clock), None
 
+    def step_or_skip(carry, inputs):  # steps past the batch's longest series cost nothing
+        index, *step_in = inputs
+        return jax.lax.cond(index < num_steps, step, lambda c, _: (c, None), carry, step_in)
+
+    num_steps = active_steps(mask)
     inputs = (
+        jnp.arange(x.shape[1]),
         jnp.swapaxes(step_inputs, 0, 1),
         times.T,
         mask.T,
         jnp.any(present, axis=-1).T,
     )
-    (h, _), _ = jax.lax.scan(step, (h0, last), inputs, reverse=True)
+    (h, _), _ = jax.lax.scan(step_or_skip, (h0, last), inputs, reverse=True)
     return h
