@@ -43,7 +43,8 @@ def _add_data_flags(parser: argparse.ArgumentParser, dataset_default: str | None
     parser.add_argument(
         "--dataset",
         default=dataset_default,
-        help=f"one of {', '.join(DATASETS)} (or 'jsb')"
+        help=f"one of {', '.join(DATASETS)} (or 'jsb'), or periodic (the Latent ODE paper's toy "
+        "series, generated)"
         + ("" if dataset_default else "; default: the one the checkpoint was trained on"),
     )
     parser.add_argument(

@@ -20,6 +20,7 @@ from dmm_jax.config import TrainConfig
 from dmm_jax.data import NUM_NOTES, load_dataset
 from dmm_jax.data.arrays import ArrayDataset, load_arrays
 from dmm_jax.data.batching import PaddedSequences
+from dmm_jax.data.irregular import periodic_arrays
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.files import atomic_write_bytes
 from dmm_jax.generate import (
@@ -91,12 +92,15 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
     mesh = _mesh(args)  # a multi-process run must join before anything touches a device
-    if _is_arrays(args.data):
-        dataset = load_arrays(args.data)
+    if _is_arrays(args.data) or args.dataset == "periodic":
+        dataset = load_arrays(args.data) if _is_arrays(args.data) else periodic_arrays()
         train = dataset.train
         obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None
         binary = bool(np.all(np.isnan(train.x) | (train.x == 0) | (train.x == 1)))
-        metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
+        if _is_arrays(args.data):
+            metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
+        else:
+            metadata = {"dataset": "periodic"}
     else:
         dataset = load_dataset(args.dataset, args.data)
         obs_dim, input_dim, use_dt, binary = NUM_NOTES, 0, False, None
@@ -285,6 +289,8 @@ def _dataset(command: str, args: argparse.Namespace, run):
     if arrays_file is not None:
         return load_arrays(arrays_file)
     name = args.dataset or run.metadata.get("dataset")
+    if name == "periodic":
+        return periodic_arrays()
     _require(name is not None, command, "the checkpoint does not name its dataset; pass --dataset")
     return load_dataset(name, args.data)
 

@@ -46,8 +46,8 @@ class DMMConfig:
     rnn_cell: str = option("rnn", f"inference RNN cell, one of {RNN_CELLS}")
     numerics: str = option(
         "stable",
-        "stable: the rnn cell's state is tanh-bounded (docs/reliability.md); "
-        "reference: the reference's ReLU cell, number for number",
+        "stable: the rnn cell's ReLU state is capped at 4 (docs/reliability.md); "
+        "reference: the reference's unbounded ReLU cell",
     )
     # Hand-written backward passes for the two recurrences (same values and gradients as
     # autodiff, faster); False falls back to autodiff of plain scans.
@@ -118,8 +118,9 @@ class DMMConfig:
     @property
     def encoder_activation(self) -> str:
         """The "rnn" cell's nonlinearity: a ReLU state can grow without bound over long
-        sequences (inf, then NaN, in float32); a tanh state stays in [-1, 1]."""
-        return "relu" if self.numerics == "reference" else "tanh"
+        sequences (inf, then NaN, in float32); a capped one stays in [0, 4]
+        (``dmm_jax.scans.RELU_CAP``) and is the ReLU wherever training is healthy."""
+        return "relu" if self.numerics == "reference" else "capped-relu"
 
     @property
     def covariate_dim(self) -> int:
@@ -191,7 +192,7 @@ class LatentODEConfig:
     rnn_dim: int = option(20, "hidden units of the encoder's GRU")
     units: int = option(100, "hidden units of each ODE function's two tanh layers")
     encoder: str = option("ode-rnn", f"q(z_0)'s encoder, one of {LATENT_ODE_ENCODERS}")
-    euler_steps: int = option(4, "Euler sub-steps of the ODE-RNN encoder between observations")
+    euler_steps: int = option(1, "Euler steps of the ODE-RNN encoder between observations")
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
     rtol: float = option(1e-3, "relative tolerance of the adaptive solver")
     atol: float = option(1e-4, "absolute tolerance of the adaptive solver")

@@ -15,6 +15,7 @@ from scipy import stats
 from dmm_jax.config import GUIDES, DMMConfig, TrainConfig
 from dmm_jax.flows import InverseAutoregressiveFlow
 from dmm_jax.models.dmm import guide
+from dmm_jax.scans import RELU_CAP
 from dmm_jax.train import UpdateStep, build_svi, init_train_state
 
 RTOL = 1e-4
@@ -40,7 +41,10 @@ def _elman_rnn(x, length, p, forward, activation):
     states = np.zeros((x.shape[0], h.shape[0]))
     for t in range(length) if forward else reversed(range(length)):
         pre = x[t] @ w_ih + b_ih + h @ w_hh + b_hh
-        h = np.maximum(pre, 0.0) if activation == "relu" else np.tanh(pre)
+        if activation == "tanh":
+            h = np.tanh(pre)
+        else:
+            h = np.maximum(pre, 0.0) if activation == "relu" else np.clip(pre, 0.0, RELU_CAP)
         states[t] = h
     return states
 

@@ -1,6 +1,6 @@
 """Numerics on long sequences: the unbounded ReLU state of the reference's encoder overflows
-in float32, the default ("stable") tanh state does not; the reference-exact numerics stay
-available and old checkpoints keep them."""
+in float32, the default ("stable") capped one does not and is the ReLU below its cap; the
+reference-exact numerics stay available and old checkpoints keep them."""
 
 import dataclasses
 
@@ -14,6 +14,7 @@ from conftest import init_params, random_binary_batch
 from dmm_jax.config import DMMConfig
 from dmm_jax.evaluate import elbo_per_sequence
 from dmm_jax.nn import BackwardEncoder
+from dmm_jax.scans import RELU_CAP
 
 SMALL = {"obs_dim": 6, "z_dim": 3, "emission_dim": 5, "transition_dim": 7, "rnn_dim": 8}
 
@@ -27,7 +28,7 @@ def _amplified(params, gain=1.3):
     return {**params, "encoder$params": encoder}
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "capped-relu", "tanh"])
 def test_elman_state_over_long_sequences(key, activation):
     steps = 600
     encoder = BackwardEncoder(8, "rnn", True, activation)
@@ -40,7 +41,8 @@ def test_elman_state_over_long_sequences(key, activation):
     if activation == "relu":  # 1.3^600 is far beyond float32's range
         assert not np.all(np.isfinite(states))
     else:
-        assert np.all(np.isfinite(states)) and float(jnp.max(jnp.abs(states))) <= 1.0
+        bound = RELU_CAP if activation == "capped-relu" else 1.0
+        assert np.all(np.isfinite(states)) and float(jnp.max(jnp.abs(states))) <= bound
 
 
 def _loss_and_grads(numerics, key, steps=600):
@@ -68,7 +70,7 @@ def test_reference_numerics_overflow_where_stable_ones_do_not(key):
 
 def test_numerics_choice_is_checked_and_stable_by_default():
     assert DMMConfig().numerics == "stable"
-    assert DMMConfig().encoder_activation == "tanh"
+    assert DMMConfig().encoder_activation == "capped-relu"
     assert DMMConfig(numerics="reference").encoder_activation == "relu"
     with pytest.raises(ValueError, match="DMMConfig.numerics must be one of"):
         DMMConfig(numerics="fast")
@@ -83,3 +85,21 @@ def test_numerics_change_only_the_elman_cell(key):
     a = elbo_per_sequence(params, key, x, lengths, config=stable)
     b = elbo_per_sequence(params, key, x, lengths, config=reference)
     np.testing.assert_array_equal(a, b)
+
+
+def test_stable_numerics_are_the_reference_below_the_cap(key):
+    """Where no state reaches the cap (healthy training), both settings give the same ELBO
+    and gradients, number for number."""
+    x, lengths = random_binary_batch(5, 3, 12, SMALL["obs_dim"], lengths=[12, 7, 3])
+    stable = DMMConfig(**SMALL)
+    reference = dataclasses.replace(stable, numerics="reference")
+    params = init_params(stable)
+
+    def loss(p, config):
+        return -jnp.sum(elbo_per_sequence(p, key, x, lengths, config=config))
+
+    a, grad_a = jax.value_and_grad(loss)(params, stable)
+    b, grad_b = jax.value_and_grad(loss)(params, reference)
+    np.testing.assert_array_equal(a, b)
+    for g, h in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b), strict=True):
+        np.testing.assert_array_equal(g, h)

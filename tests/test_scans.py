@@ -11,6 +11,7 @@ from conftest import init_params, random_binary_batch
 
 from dmm_jax.evaluate import elbo_per_sequence
 from dmm_jax.nn import BackwardEncoder, Combiner
+from dmm_jax.scans import RELU_CAP
 
 RTOL = 1e-5
 
@@ -21,7 +22,7 @@ def _assert_trees_close(a, b, rtol=RTOL):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "capped-relu", "tanh"])
 def test_elman_rnn_backward_matches_autodiff(key, activation):
     x, lengths = random_binary_batch(0, 5, 11, 6, lengths=[11, 3, 0, 8, 11])
     mask = jnp.arange(11)[None] < lengths[:, None]
@@ -29,6 +30,10 @@ def test_elman_rnn_backward_matches_autodiff(key, activation):
     plain = BackwardEncoder(12, "rnn", False, activation)
     params = fast.init(key, x, mask)
     params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero h_0, biases shifted
+    if activation == "capped-relu":  # large weights: some states reach the cap
+        params = jax.tree.map(lambda p: 8.0 * p, params)
+        states = fast.apply(params, x, mask)
+        assert np.any(states == RELU_CAP) and np.any((states > 0) & (states < RELU_CAP))
     weights = jax.random.normal(jax.random.PRNGKey(1), (5, 11, 12))
 
     def loss(module):

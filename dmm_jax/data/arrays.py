@@ -198,6 +198,10 @@ def load_arrays(path: str | os.PathLike) -> ArrayDataset:
             arrays = {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    if set(arrays) == {"t", "x", "lengths"}:  # irregularly sampled series (times, values)
+        from dmm_jax.data.irregular import load_irregular, series_dataset
+
+        return series_dataset(load_irregular(path), path.stem, str(path))
     prefixed = any(name.startswith(f"{s}_") for name in arrays for s in SPLITS)
     known = {f"{s}_{a}" for s in SPLITS for a in ARRAY_NAMES} if prefixed else set(ARRAY_NAMES)
     unknown = sorted(set(arrays) - known)

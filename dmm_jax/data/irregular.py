@@ -340,3 +340,38 @@ def as_sequence_arrays(series: IrregularSeries, source: str = "irregular series"
     t = series.t.astype(np.float64)
     dt = np.where(series.real, np.diff(t, axis=1, prepend=0.0), 0.0)
     return SequenceArrays(series.x, series.lengths, dt=dt.astype(np.float32), source=source)
+
+
+def series_dataset(series: IrregularSeries, name: str, source: str):
+    """An :class:`dmm_jax.data.arrays.ArrayDataset` of one set of series, split in file order:
+    the first 80% train, the next 10% valid, the last 10% test (each at least one series)."""
+    from dmm_jax.data.arrays import ArrayDataset
+
+    n = series.num_series
+    if n < 3:
+        raise DataError(f"{source}: needs at least 3 series for train/valid/test, has {n}")
+    num_train, num_valid = max(1, int(0.8 * n)), max(1, int(0.1 * n))
+    bounds = {"train": (0, num_train), "valid": (num_train, num_train + num_valid)}
+    bounds["test"] = (num_train + num_valid, n)
+    splits = {
+        split: as_sequence_arrays(series.subset(np.arange(*b)), f"{source} ({split})")
+        for split, b in bounds.items()
+    }
+    return ArrayDataset(name, source, **splits)
+
+
+def periodic_arrays(subsample: int | None = 50, seed: int = 1991, n: int = 1000):
+    """The periodic toy data (:func:`periodic_dataset`, interpolation) as an ``ArrayDataset``:
+    ``train`` the observed points of the first 80% of the series, ``test`` those of the rest
+    (the reference code has no validation split)."""
+    from dmm_jax.data.arrays import ArrayDataset
+
+    tasks = periodic_dataset(n=n, subsample=subsample, seed=seed)
+    source = f"generated (n={n}, subsample={subsample}, seed={seed})"
+    return ArrayDataset(
+        "periodic",
+        source,
+        as_sequence_arrays(tasks["train"].observed, f"{source} (train)"),
+        None,
+        as_sequence_arrays(tasks["test"].observed, f"{source} (test)"),
+    )
