@@ -17,8 +17,11 @@ KL annealed linearly from 0.01 over the run (the reference: 0 for 10 epochs, the
 
     python benchmarks/latent_ode_periodic.py --epochs 30 --reference DIR --out FILE.json
 
-``--reference DIR``: a checkout of github.com/YuliaRubanova/latent_ode with torch and
-torchdiffeq importable by ``--reference-python`` (omit it to time dmm_jax alone).
+``--reference DIR``: a checkout of github.com/YuliaRubanova/latent_ode with torch, torchdiffeq,
+scikit-learn, matplotlib and pandas importable by ``--reference-python`` (omit it to time
+dmm_jax alone; its scripts import torchvision, which the periodic data never uses). The
+reference runs with ``--reference-threads`` OpenMP threads (default 1: with torch's default
+pool on two cores an epoch took 101 s while one other process ran).
 """
 
 from __future__ import annotations
@@ -73,12 +76,18 @@ def run_dmm_jax(epochs: int, seed: int) -> dict:
     }
 
 
-def run_reference(directory: Path, python: str, epochs: int) -> dict:
+def run_reference(directory: Path, python: str, epochs: int, threads: int | None) -> dict:
+    env = dict(os.environ)
+    if threads:  # torch's own thread pool oversubscribes a small machine badly
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
     def run(niters: int) -> tuple[float, str]:
         command = [python, "run_models.py", "--niters", str(niters), "-n", "1000", "-s", "50"]
         command += ["-l", "10", "--dataset", "periodic", "--latent-ode", "--noise-weight", "0.01"]
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=directory, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            command, cwd=directory, env=env, capture_output=True, text=True, check=False
+        )
         if done.returncode:
             raise RuntimeError(f"the reference failed: {done.stderr[-2000:]}")
         return time.perf_counter() - started, done.stderr
@@ -92,6 +101,7 @@ def run_reference(directory: Path, python: str, epochs: int) -> dict:
         "wall_seconds": total,
         "test_mse": mse[-1] if mse else None,
         "epochs_logged": len(mse),
+        "threads": threads or "torch default",
     }
 
 
@@ -103,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help="checkout of the reference repository")
     parser.add_argument("--reference-python", default=sys.executable)
+    parser.add_argument(
+        "--reference-threads", type=int, default=1, help="OMP threads of the reference (0: torch's)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:

@@ -188,16 +188,21 @@ class ArrayDataset:
         return split
 
 
+def read_npz(path: pathlib.Path, kind: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (pickled objects refused), or a one-line ``DataError``."""
+    if not path.is_file():
+        raise DataError(f"no {kind} at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+
+
 def load_arrays(path: str | os.PathLike) -> ArrayDataset:
     """Reads an ``.npz`` of one split (x, lengths, ...) or of prefixed train/valid/test splits."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"no array file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    arrays = read_npz(path, "array file")
     if set(arrays) == {"t", "x", "lengths"}:  # irregularly sampled series (times, values)
         from dmm_jax.data.irregular import load_irregular, series_dataset
 

@@ -26,7 +26,6 @@ import dataclasses
 import io
 import os
 import pathlib
-import zipfile
 from typing import Literal
 
 import numpy as np
@@ -109,14 +108,10 @@ class IrregularTask:
 
 def load_irregular(path: str | os.PathLike) -> IrregularSeries:
     """Reads and validates an ``.npz`` holding exactly ``t``, ``x`` and ``lengths``."""
+    from dmm_jax.data.arrays import read_npz  # arrays reads this format through here
+
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"no irregular series file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    arrays = read_npz(path, "irregular series file")
     unknown = sorted(set(arrays) - set(ARRAY_NAMES))
     if unknown:
         raise DataError(f"{path}: unknown arrays {unknown}; expected exactly {list(ARRAY_NAMES)}")

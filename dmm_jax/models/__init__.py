@@ -2,14 +2,15 @@
 
 Every family gives a frozen config dataclass and a NumPyro ``model``/``guide`` pair with the
 same signature, ``(x [B, T, X], lengths [B], annealing_factor, *, config, inputs, dt,
-obs_mask, steps)``, whose one latent site "z" holds each sequence's trajectory [T, Z]; so
-training (``dmm_jax.train``), evaluation (``dmm_jax.evaluate``) and checkpoints take any of
-them. Generation (``dmm_jax.generate``) goes through each family's ``generation`` hooks.
+obs_mask, steps)``, whose one latent site "z" holds each sequence's latents (its trajectory
+[T, Z], or the Latent ODE's z_0 [Z]); so training (``dmm_jax.train``), evaluation
+(``dmm_jax.evaluate``) and checkpoints take any of them. Generation (``dmm_jax.generate``)
+goes through each family's ``generation`` hooks (the Latent ODE has none yet).
 
-    family  subpackage                  paper
-    dmm     ``dmm_jax.models.dmm``      Krishnan, Shalit & Sontag, AAAI 2017
-    vrnn    ``dmm_jax.models.vrnn``     Chung et al., NeurIPS 2015
-    latent-ode ``dmm_jax.models.latent_ode``  Rubanova, Chen & Duvenaud, NeurIPS 2019
+    family      subpackage                        paper
+    dmm         ``dmm_jax.models.dmm``            Krishnan, Shalit & Sontag, AAAI 2017
+    vrnn        ``dmm_jax.models.vrnn``           Chung et al., NeurIPS 2015
+    latent-ode  ``dmm_jax.models.latent_ode``     Rubanova, Chen & Duvenaud, NeurIPS 2019
 
 Each subpackage has ``model_guide`` (the NumPyro model and guide) and ``generation`` (its hooks);
 the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``.
