@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.reference:
         result["reference"] = run_reference(
-            Path(args.reference), args.reference_python, args.epochs
+            Path(args.reference), args.reference_python, args.epochs, args.reference_threads
         )
         result["speedup"] = (
             result["reference"]["seconds_per_epoch"] / result["dmm_jax"]["seconds_per_epoch"]
