@@ -18,6 +18,7 @@ import numpy as np
 from numpyro import handlers
 
 from dmm_jax.config import LatentODEConfig
+from dmm_jax.data.irregular import IrregularTask, as_sequence_arrays
 from dmm_jax.models.latent_ode.model_guide import guide
 from dmm_jax.models.latent_ode.networks import ODEFunction, solve
 
@@ -61,13 +62,13 @@ def predict(
     return jax.vmap(lambda z: decode_path(params, config, z, query_times))(z0)
 
 
-def task_mse(params: dict, key: Array, config: LatentODEConfig, task, samples: int = 3) -> float:
-    """Mean squared error per target entry of a ``dmm_jax.data.irregular.IrregularTask``,
+def task_mse(
+    params: dict, key: Array, config: LatentODEConfig, task: IrregularTask, samples: int = 3
+) -> float:
+    """Mean squared error per target entry of an ``IrregularTask``,
     averaged over ``samples`` draws of z_0 as the paper's reference code averages it: the
     guide reads ``task.observed``; the targets are ``task.targets`` (every point of the series
     for interpolation, the second half for extrapolation)."""
-    from dmm_jax.data.irregular import as_sequence_arrays
-
     observed, targets = as_sequence_arrays(task.observed), task.targets
     start = task.observed.t[:, :1]  # solve from each series' first time
     query = np.concatenate([start, targets.t], axis=1)
