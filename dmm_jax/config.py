@@ -119,7 +119,7 @@ class DMMConfig:
     def encoder_activation(self) -> str:
         """The "rnn" cell's nonlinearity: a ReLU state can grow without bound over long
         sequences (inf, then NaN, in float32); a capped one stays in [0, 4]
-        (``dmm_jax.scans.RELU_CAP``) and is the ReLU wherever training is healthy."""
+        (``dmm_jax.scans.RELU_CAP``) and is the ReLU wherever no state reaches the cap."""
         return "relu" if self.numerics == "reference" else "capped-relu"
 
     @property

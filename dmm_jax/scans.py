@@ -66,8 +66,8 @@ def _outer_sum(a: Array, b: Array, rows: Array | None = None) -> Array:
 # ----------------------------------------------------------------------------- Elman RNN
 
 ELMAN_ACTIVATIONS = ("relu", "capped-relu", "tanh")
-# The cap of "capped-relu": far above the states of healthy training (on JSB the largest seen
-# was about 1.5, the 99.9th percentile under 1), so there it is the reference's ReLU exactly.
+# The cap of "capped-relu": above the states of healthy training after its first epochs (on
+# JSB about 1.5 at most, the 99.9th percentile under 1); below it, the reference's ReLU exactly.
 RELU_CAP = 4.0
 
 
