@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -155,15 +152,10 @@ def main(argv=None) -> None:
     summaries = [summarize(i, runs, args.epochs, args.spike) for i, runs in results.items()]
     print(format_table(summaries, args.epochs, args.spike))
     if args.out:
-        from epoch_time import cpu_model, package_versions
+        from epoch_time import provenance
 
         out = {
-            "command": shlex.join(
-                ["python", "benchmarks/early_training.py", *(argv or sys.argv[1:])]
-            ),
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": {"cpu_model": cpu_model(), "cpu_count": len(os.sched_getaffinity(0))},
-            "versions": package_versions(),
+            **provenance("early_training.py", argv or sys.argv[1:]),
             "epochs": args.epochs,
             "spike": args.spike,
             "summary": summaries,

@@ -120,6 +120,16 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def provenance(script: str, argv: list[str]) -> dict:
+    """What a saved figure carries: its command, date, machine and package versions."""
+    return {
+        "command": shlex.join(["python", f"benchmarks/{script}", *argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpu_model": cpu_model(), "cpu_count": len(os.sched_getaffinity(0))},
+        "versions": package_versions(),
+    }
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

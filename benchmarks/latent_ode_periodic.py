@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from epoch_time import cpu_model, package_versions
+from epoch_time import provenance
 
 
 def run_dmm_jax(epochs: int, seed: int) -> dict:
@@ -121,12 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs < 2:
         parser.error("--epochs must be at least 2")
     result = {
-        "command": shlex.join(
-            ["python", "benchmarks/latent_ode_periodic.py", *(argv or sys.argv[1:])]
-        ),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": len(os.sched_getaffinity(0))},
-        "versions": package_versions(),
+        **provenance("latent_ode_periodic.py", argv or sys.argv[1:]),
         "epochs": args.epochs,
         "dmm_jax": run_dmm_jax(args.epochs, args.seed),
     }

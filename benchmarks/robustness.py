@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from epoch_time import cpu_model, package_versions
+from epoch_time import provenance
 
 GIB = 2**30
 
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         result = TASKS[args.task](args, Path(workdir))
     result = {
         "task": args.task,
-        "command": shlex.join(["python", "benchmarks/robustness.py", *argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": _cpu_count(), "gpu": None},
-        "versions": package_versions(),
+        **provenance("robustness.py", argv),
         "wall_seconds": time.time() - started,
         **result,
     }
@@ -190,12 +187,6 @@ def main(argv: list[str] | None = None) -> None:
         print("  checks:", json.dumps(run["checks"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,14 @@ def _is_arrays(data: str | None) -> bool:
     return data is not None and data.endswith(".npz")
 
 
+def _real_valued(data: str | None, name: str | None) -> ArrayDataset | None:
+    """The real-valued data set of an ``.npz`` file or the generated periodic series; None
+    for a polyphonic data set."""
+    if _is_arrays(data):
+        return load_arrays(data)
+    return periodic_arrays() if name == "periodic" else None
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("dmm-jax train: --resume needs --checkpoint-dir")
@@ -92,15 +100,14 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
     mesh = _mesh(args)  # a multi-process run must join before anything touches a device
-    if _is_arrays(args.data) or args.dataset == "periodic":
-        dataset = load_arrays(args.data) if _is_arrays(args.data) else periodic_arrays()
+    dataset = _real_valued(args.data, args.dataset)
+    if dataset is not None:
         train = dataset.train
         obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None
         binary = bool(np.all(np.isnan(train.x) | (train.x == 0) | (train.x == 1)))
+        metadata = {"dataset": "periodic"}
         if _is_arrays(args.data):
             metadata = {"dataset": "arrays", "data": str(Path(args.data).resolve())}
-        else:
-            metadata = {"dataset": "periodic"}
     else:
         dataset = load_dataset(args.dataset, args.data)
         obs_dim, input_dim, use_dt, binary = NUM_NOTES, 0, False, None
@@ -286,11 +293,10 @@ def _dataset(command: str, args: argparse.Namespace, run):
     arrays_file = args.data if _is_arrays(args.data) else None
     if arrays_file is None and args.dataset is None and run.metadata.get("dataset") == "arrays":
         arrays_file = args.data or run.metadata.get("data")
-    if arrays_file is not None:
-        return load_arrays(arrays_file)
     name = args.dataset or run.metadata.get("dataset")
-    if name == "periodic":
-        return periodic_arrays()
+    dataset = _real_valued(arrays_file, name)
+    if dataset is not None:
+        return dataset
     _require(name is not None, command, "the checkpoint does not name its dataset; pass --dataset")
     return load_dataset(name, args.data)
 

@@ -263,8 +263,9 @@ class TrainConfig:
     # Memory: a batch whose padded size (sequences x steps) exceeds this is differentiated in
     # micro-batches of whole sequences and their gradients summed (same estimator; activations
     # of one micro-batch in memory at a time; each micro-batch still runs on its own real
-    # steps, see real_steps). 0: never split (the reference's behaviour). The default caps a
-    # training update of 20 sequences of 4000 steps near 1.5 GiB; no JSB batch is split.
+    # steps, see real_steps). 0: never split (the reference's behaviour). With the default, an
+    # epoch and evaluation of 20 sequences of 4000 steps peaked at 1.6 GiB resident (3.3 GiB
+    # unsplit; docs/RESULTS.md); no JSB batch is split.
     microbatch_steps: int = 32768
     # Speed: run the per-step networks of each training batch on its real steps only (the
     # same loss and gradients; see dmm_jax.real_steps). False: on every padded step.

@@ -20,12 +20,14 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 from dmm_jax.config import LatentODEConfig
-from dmm_jax.models.common import observed_entries, sequence_mask
+from dmm_jax.models.common import sequence_mask
 from dmm_jax.models.latent_ode.networks import (
     GaussianHead,
     ODEFunction,
+    decoder,
     encode,
-    series_times,
+    ode_function,
+    series_inputs,
     solve,
 )
 
@@ -46,21 +48,16 @@ def model(
     """p(x, z_0) for each series of the batch; returns the latent path z(t) [B, T, Z]."""
     del inputs, steps
     batch, num_steps, _ = x.shape
-    times = series_times(dt, batch, num_steps)
-    x, present = observed_entries(x, obs_mask)
-    f = flax_module("ode", ODEFunction(config.z_dim, config.units), input_shape=(1, config.z_dim))
-    decoder = flax_module(
-        "decoder",
-        nn.Dense(config.obs_dim, kernel_init=nn.initializers.normal(0.1)),
-        input_shape=(1, config.z_dim),
-    )
+    times, x, present = series_inputs(x, dt, obs_mask)
+    f = flax_module("ode", ode_function(config), input_shape=(1, config.z_dim))
+    decode = flax_module("decoder", decoder(config), input_shape=(1, config.z_dim))
     mask = sequence_mask(lengths, num_steps)
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
             prior = dist.Normal(jnp.zeros((batch, config.z_dim)), 1.0).to_event(1)
             z0 = numpyro.sample("z", prior)
         path = solve(f, z0, times, config)
-        emission = dist.Normal(decoder(path), config.obs_std)
+        emission = dist.Normal(decode(path), config.obs_std)
         numpyro.sample("x", emission.mask(present).to_event(1).mask(mask).to_event(1), obs=x)
     return path
 
@@ -79,8 +76,7 @@ def guide(
     """q(z_0 | x) from the encoder run backward over each series; returns z_0 [B, Z]."""
     del inputs, steps
     batch, num_steps, obs_dim = x.shape
-    times = series_times(dt, batch, num_steps)
-    x, present = observed_entries(x, obs_mask)
+    times, x, present = series_inputs(x, dt, obs_mask)
     hidden = config.rnn_dim
     gru_in = 2 * obs_dim + (1 if config.encoder == "rnn" else 0)
     nets = {

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dmm_jax.config import LatentODEConfig
+from dmm_jax.models.common import observed_entries
 from dmm_jax.scans import active_steps
 
 Array = jax.Array
@@ -47,6 +48,22 @@ class GaussianHead(nn.Module):
     def __call__(self, h: Array) -> tuple[Array, Array]:
         out = nn.Dense(2 * self.dim, **_INIT)(jnp.tanh(nn.Dense(self.units, **_INIT)(h)))
         return out[..., : self.dim], nn.softplus(out[..., self.dim :]) + 1e-4
+
+
+def ode_function(config: LatentODEConfig) -> ODEFunction:
+    """The generative ODE's f (registered by the model as "ode")."""
+    return ODEFunction(config.z_dim, config.units)
+
+
+def decoder(config: LatentODEConfig) -> nn.Dense:
+    """The decoder's mean W z(t) + b (registered by the model as "decoder")."""
+    return nn.Dense(config.obs_dim, kernel_init=_INIT["kernel_init"])
+
+
+def series_inputs(x: Array, dt: Array | None, obs_mask: Array | None):
+    """(times [B, T], x with missing entries as 0, which entries are present) of a batch."""
+    x, present = observed_entries(x, obs_mask)
+    return series_times(dt, *x.shape[:2]), x, present
 
 
 def series_times(dt: Array | None, batch: int, num_steps: int) -> Array:

@@ -20,7 +20,7 @@ from numpyro import handlers
 from dmm_jax.config import LatentODEConfig
 from dmm_jax.data.irregular import IrregularTask, as_sequence_arrays
 from dmm_jax.models.latent_ode.model_guide import guide
-from dmm_jax.models.latent_ode.networks import ODEFunction, solve
+from dmm_jax.models.latent_ode.networks import decoder, ode_function, solve
 
 Array = jax.Array
 
@@ -38,11 +38,9 @@ def posterior_z0(params: dict, key: Array, config: LatentODEConfig, x, lengths, 
 def decode_path(params: dict, config: LatentODEConfig, z0: Array, query_times: Array) -> Array:
     """The decoder's mean [B, T_q, D] along the path from z0 [B, Z] at ``query_times``
     [B, T_q] (non-decreasing; the first is each series' start time t_0)."""
-    f = ODEFunction(config.z_dim, config.units)
-    ode = lambda z: f.apply({"params": params["ode$params"]}, z)
-    path = solve(ode, z0, query_times, config)
-    decoder = params["decoder$params"]
-    return path @ decoder["kernel"] + decoder["bias"]
+    f = ode_function(config)
+    path = solve(lambda z: f.apply({"params": params["ode$params"]}, z), z0, query_times, config)
+    return decoder(config).apply({"params": params["decoder$params"]}, path)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "samples"))
