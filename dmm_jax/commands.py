@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dmm_jax import distributed
 from dmm_jax.cli import model_config_from_args, model_flags_given
-from dmm_jax.config import TrainConfig
+from dmm_jax.config import BINARY_EMISSIONS, TrainConfig
 from dmm_jax.data import NUM_NOTES, load_dataset
 from dmm_jax.data.arrays import ArrayDataset, load_arrays
 from dmm_jax.data.batching import PaddedSequences
@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
-    if binary is not None and model_config.emission == "bernoulli" and not binary:
+    if binary is not None and model_config.emission in BINARY_EMISSIONS and not binary:
         raise SystemExit(
             f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
         )
@@ -198,7 +198,7 @@ def _sample(args: argparse.Namespace) -> int:
     _require(args.tempo > 0, "sample", f"--tempo must be > 0, got {args.tempo}")
     run = load_run(args.checkpoint)
     _require(
-        (run.model_config.obs_dim == NUM_NOTES and run.model_config.emission == "bernoulli")
+        (run.model_config.obs_dim == NUM_NOTES and run.model_config.emission in BINARY_EMISSIONS)
         or (args.midi is None and args.png is None),
         "sample",
         f"--midi and --png need 0/1 piano rolls of {NUM_NOTES} keys; this model emits "

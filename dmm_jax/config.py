@@ -13,10 +13,11 @@ from typing import Any
 # Choices, kept here (not beside the networks) so the configs load without JAX.
 RNN_CELLS = ("rnn", "gru", "lstm")
 TRANSITIONS = ("gated", "linear")
-DMM_EMISSIONS = ("bernoulli", "gaussian")
+DMM_EMISSIONS = ("bernoulli", "gaussian", "nade")
 EMISSION_NETS = ("mlp", "linear")
 EMISSION_SCALES = ("learned", "predicted", "fixed")
-EMISSIONS = ("bernoulli", "gaussian", "gmm")  # dmm_jax.emissions
+EMISSIONS = ("bernoulli", "gaussian", "gmm", "nade")  # dmm_jax.emissions
+BINARY_EMISSIONS = ("bernoulli", "nade")  # over 0/1 notes (piano rolls)
 VRNN_CELLS = ("gru", "lstm")
 NUMERICS = ("stable", "reference")
 LATENT_ODE_ENCODERS = ("ode-rnn", "rnn")
@@ -53,8 +54,11 @@ class DMMConfig:
     # autodiff, faster); False falls back to autodiff of plain scans.
     custom_vjp: bool = True
     emission: str = option(
-        "bernoulli", f"observation model, one of {DMM_EMISSIONS} (gaussian: real values)"
+        "bernoulli",
+        f"observation model, one of {DMM_EMISSIONS} (gaussian: real values; nade: notes "
+        "conditioned on lower notes)",
     )
+    nade_hidden: int = option(100, "hidden units of the nade emission")
     emission_net: str = option(
         "mlp", "emission mean: mlp (two hidden layers) or linear (x_t = H z_t + d, gaussian only)"
     )
@@ -80,7 +84,11 @@ class DMMConfig:
     )
 
     def __post_init__(self):
-        for field in ("obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim", "iaf_dim"):
+        sizes = (
+            "obs_dim", "z_dim", "emission_dim", "transition_dim", "rnn_dim", "iaf_dim",
+            "nade_hidden",
+        )  # fmt: skip
+        for field in sizes:
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DMMConfig.{field} must be a positive int, got {value!r}")
@@ -153,12 +161,16 @@ class VRNNConfig:
     rnn_cell: str = option("gru", f"RNN cell, one of {VRNN_CELLS}")
     emission: str = option("bernoulli", f"observation model, one of {EMISSIONS}")
     mixture_components: int = option(5, "components of the gmm emission")
+    nade_hidden: int = option(100, "hidden units of the nade emission")
     standard_prior: bool = option(False, "VRNN-I: the prior is N(0, I) at every step")
     input_dim: int = 0
     use_dt: bool = False
 
     def __post_init__(self):
-        sizes = ("obs_dim", "z_dim", "rnn_dim", "feature_dim", "hidden_dim", "mixture_components")
+        sizes = (
+            "obs_dim", "z_dim", "rnn_dim", "feature_dim", "hidden_dim", "mixture_components",
+            "nade_hidden",
+        )  # fmt: skip
         for field in sizes:
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:

@@ -5,6 +5,8 @@ emitters, ``dmm_jax.nn``).
     bernoulli:  p(x_t | c_t) = prod_i Bernoulli(x_ti; sigmoid(l_i(c_t)))       0/1 piano rolls
     gaussian:   p(x_t | c_t) = N(x_t; m(c_t), diag s(c_t)^2)                   real values
     gmm:        p(x_t | c_t) = sum_k pi_k(c_t) N(x_t; m_k(c_t), diag s_k(c_t)^2)  K components
+    nade:       p(x_t | c_t) = prod_d Bernoulli(x_td; sigmoid(b_d(c_t) + V_d . h_d)),      0/1,
+                h_d = sigmoid(a(c_t) + W[:, <d] x_t,<d)       notes conditioned on lower notes
 
 Scales are softplus(.) + ``SCALE_FLOOR``: a component can sharpen on a data point but never
 collapse to a zero width, whose log density would overflow. ``EmissionHead`` maps features
@@ -12,10 +14,18 @@ collapse to a zero width, whose log density would overflow. ``EmissionHead`` map
 distribution with event shape (X,) whose log density skips missing entries (``present``
 False): for the mixture, each component is scored on the observed entries only, the marginal
 of a diagonal Gaussian.
+
+The NADE (Larochelle & Murray, AISTATS 2011; the DMM's emission in Krishnan et al. 2017,
+Table 4) makes each note depend on the notes below it, so chords need not be independent
+given the latent. Its biases a(c_t) [..., H] and b(c_t) [..., X] come from the head per step;
+its weights W [H, X] and V [X, H] are shared by all steps (``NADEWeights``, a module of its
+own, so that running the head on real steps only never touches them) and join the biases in
+the parameter tuple (``with_nade_weights``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import flax.linen as nn
@@ -24,28 +34,36 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.distributions import Distribution, constraints
 
-from dmm_jax.nn import Linear
+from dmm_jax.nn import Linear, uniform_init
 
 Array = jax.Array
 
 SCALE_FLOOR = 1e-3
 # What padded steps hold for each parameter (a valid distribution; masked out anyway).
-PADDING_FILL = {"bernoulli": 0.0, "gaussian": (0.0, 1.0), "gmm": (0.0, 0.0, 1.0)}
+PADDING_FILL = {
+    "bernoulli": 0.0,
+    "gaussian": (0.0, 1.0),
+    "gmm": (0.0, 0.0, 1.0),
+    "nade": (0.0, 0.0),
+}
 
 
 class EmissionHead(nn.Module):
     """features [..., F] -> the emission's parameters: (logits [..., X],) for bernoulli,
     (loc, scale) [..., X] for gaussian, (mixture logits [..., K], loc, scale [..., K, X]) for
-    gmm."""
+    gmm, (hidden bias [..., H], visible bias [..., X]) for nade (its weights apart)."""
 
     kind: str
     obs_dim: int
     components: int = 1
+    nade_hidden: int = 100
 
     @nn.compact
     def __call__(self, features: Array) -> tuple[Array, ...]:
         if self.kind == "bernoulli":
             return (Linear(self.obs_dim, name="to_logits")(features),)
+        if self.kind == "nade":
+            return nade_biases(self, features, self.obs_dim, self.nade_hidden)
         k, x = self.components, self.obs_dim
         shape = features.shape[:-1] + ((k, x) if self.kind == "gmm" else (x,))
         loc = Linear(k * x if self.kind == "gmm" else x, name="to_loc")(features).reshape(shape)
@@ -56,12 +74,45 @@ class EmissionHead(nn.Module):
         return Linear(k, name="to_mixture_logits")(features), loc, scale
 
 
+def nade_biases(
+    module: nn.Module, features: Array, obs_dim: int, hidden: int
+) -> tuple[Array, Array]:
+    """A NADE's per-step biases from features [..., F], as layers of ``module`` (compact)."""
+    hidden_bias = Linear(hidden, name="to_nade_hidden_bias")(features)
+    return hidden_bias, Linear(obs_dim, name="to_logits")(features)
+
+
+class NADEWeights(nn.Module):
+    """A NADE's shared weights: W [H, X] (note d into the hidden units of notes above it) and
+    V [X, H] (note d's readout of its hidden units), initialised as PyTorch's linear layers."""
+
+    obs_dim: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        x, h = self.obs_dim, self.hidden
+        w = self.param("W", uniform_init(1.0 / math.sqrt(x)), (h, x))
+        v = self.param("V", uniform_init(1.0 / math.sqrt(h)), (x, h))
+        return w, v
+
+
+def with_nade_weights(biases: tuple[Array, Array], weights: tuple[Array, Array]) -> tuple:
+    """(hidden bias, visible bias, W, V): the weights with leading unit axes, one per leading
+    axis of the biases, so that stacking parameter tuples (vmap, scan) keeps them broadcast."""
+    lead = (1,) * (biases[0].ndim - 1)
+    w, v = weights
+    return (*biases, w.reshape(lead + w.shape), v.reshape(lead + v.shape))
+
+
 def emission_distribution(
     kind: str, params: tuple[Array, ...], present: Array | None = None
 ) -> Distribution:
     """p(x_t | c_t) with event shape (X,) and batch shape the features' leading shape."""
     if kind == "gmm":
         return DiagonalGaussianMixture(*params, present=present)
+    if kind == "nade":
+        return NADE(*params, present=present)
     per_entry = dist.Bernoulli(logits=params[0]) if kind == "bernoulli" else dist.Normal(*params)
     if present is not None:
         per_entry = per_entry.mask(present)
@@ -69,9 +120,12 @@ def emission_distribution(
 
 
 def emission_mean(kind: str, params: tuple[Array, ...]) -> Array:
-    """E[x_t | c_t], [..., X]: note probabilities for bernoulli, the (mixture) mean otherwise."""
+    """E[x_t | c_t], [..., X]: note probabilities for bernoulli, the (mixture) mean otherwise.
+    A NADE's note marginals have no closed form: see ``note_logits``."""
     if kind == "bernoulli":
         return jax.nn.sigmoid(params[0])
+    if kind == "nade":
+        raise ValueError("a NADE's note marginals have no closed form; use note_logits(x)")
     if kind == "gaussian":
         return params[0]
     logits, loc, _ = params
@@ -79,10 +133,22 @@ def emission_mean(kind: str, params: tuple[Array, ...]) -> Array:
 
 
 def emission_sample(kind: str, key: Array, params: tuple[Array, ...]) -> Array:
-    """x_t ~ p(x_t | c_t), [..., X], float (0/1 for bernoulli)."""
+    """x_t ~ p(x_t | c_t), [..., X], float (0/1 for bernoulli and nade)."""
     if kind == "bernoulli":
         return jax.random.bernoulli(key, jax.nn.sigmoid(params[0])).astype(jnp.float32)
     return emission_distribution(kind, params).sample(key)
+
+
+def note_logits(kind: str, params: tuple[Array, ...], x: Array) -> Array:
+    """logit p(x_td = 1 | x_t,<d, c_t) per note at the 0/1 values ``x`` [..., X]: what scores
+    x (sum over d of the Bernoulli log densities is log p(x_t | c_t)). For bernoulli these are
+    the emission's logits, whatever x; for nade they follow x's lower notes, so at a draw of
+    x they are a one-draw unbiased estimate of the note marginals (E[p(x_d | x_<d)] = p(x_d))."""
+    if kind == "bernoulli":
+        return jnp.broadcast_to(params[0], jnp.broadcast_shapes(params[0].shape, x.shape))
+    if kind == "nade":
+        return NADE(*params).conditional_logits(x)
+    raise ValueError(f"note_logits needs a 0/1 emission (bernoulli or nade), got {kind!r}")
 
 
 class DiagonalGaussianMixture(Distribution):
@@ -118,3 +184,66 @@ class DiagonalGaussianMixture(Distribution):
     @property
     def mean(self) -> Array:
         return emission_mean("gmm", (self.logits, self.loc, self.scale))
+
+
+class NADE(Distribution):
+    """A conditional NADE over 0/1 vectors of X notes, one event per step:
+
+        p(x | a, b) = prod_d Bernoulli(x_d; sigmoid(b_d + V_d . h_d)),
+        h_d = sigmoid(a + sum_{j<d} W[:, j] x_j).
+
+    ``hidden_bias`` [..., H] and ``visible_bias`` [..., X] per step; ``weights`` W [..., H, X]
+    and ``readout`` V [..., X, H] broadcast against them (leading axes right-aligned).
+    ``log_prob`` scores all notes in one pass (an exclusive cumulative sum over notes gives
+    every h_d at once); ``sample`` draws note after note with a scan. With ``present``
+    [..., X], notes marked False are not scored; later notes still read them (as given, 0
+    where missing): the observed notes' conditionals, not their marginal.
+    """
+
+    arg_constraints: ClassVar[dict] = {}
+    support = constraints.independent(constraints.boolean, 1)
+    reparametrized_params: ClassVar[list] = []
+
+    def __init__(self, hidden_bias, visible_bias, weights, readout, present=None):
+        self.hidden_bias, self.visible_bias = hidden_bias, visible_bias
+        self.weights, self.readout, self.present = weights, readout, present
+        batch_shape = jnp.broadcast_shapes(
+            hidden_bias.shape[:-1], visible_bias.shape[:-1], weights.shape[:-2], readout.shape[:-2]
+        )
+        super().__init__(batch_shape=batch_shape, event_shape=visible_bias.shape[-1:])
+
+    def conditional_logits(self, value: Array) -> Array:
+        """logit p(x_d = 1 | x_<d) for every note d at ``value`` [..., X]: [..., X]."""
+        into_hidden = value[..., :, None] * jnp.swapaxes(self.weights, -1, -2)  # [..., X, H]
+        below = jnp.cumsum(into_hidden, axis=-2)
+        below = jnp.concatenate([jnp.zeros_like(below[..., :1, :]), below[..., :-1, :]], -2)
+        hidden = jax.nn.sigmoid(self.hidden_bias[..., None, :] + below)
+        return self.visible_bias + jnp.sum(hidden * self.readout, axis=-1)
+
+    def log_prob(self, value: Array) -> Array:
+        logits = self.conditional_logits(value)
+        per_note = value * jax.nn.log_sigmoid(logits) + (1 - value) * jax.nn.log_sigmoid(-logits)
+        if self.present is not None:
+            per_note = jnp.where(self.present, per_note, 0.0)
+        return jnp.sum(per_note, axis=-1)
+
+    def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        shape = sample_shape + self.batch_shape
+        num_notes = self.event_shape[0]
+        uniforms = jax.random.uniform(key, (num_notes, *shape))
+        per_note = (
+            jnp.moveaxis(jnp.broadcast_to(self.visible_bias, (*shape, num_notes)), -1, 0),
+            jnp.moveaxis(self.readout, -2, 0),  # V_d [..., H]
+            jnp.moveaxis(self.weights, -1, 0),  # W[:, d] [..., H]
+            uniforms,
+        )
+
+        def note(into_hidden, inputs):
+            b_d, v_d, w_d, u_d = inputs
+            logit = b_d + jnp.sum(jax.nn.sigmoid(into_hidden) * v_d, axis=-1)
+            x_d = (u_d < jax.nn.sigmoid(logit)).astype(jnp.float32)
+            return into_hidden + x_d[..., None] * w_d, x_d
+
+        start = jnp.broadcast_to(self.hidden_bias, (*shape, self.hidden_bias.shape[-1]))
+        _, notes = jax.lax.scan(note, start, per_note)
+        return jnp.moveaxis(notes, 0, -1)

@@ -4,7 +4,12 @@ Plain functions of (params, key, data, config) for every model family: each goes
 family's guide (``dmm_jax.models``) and its generation hooks, so the same call serves a DMM
 and a VRNN. ``params`` is what ``fit`` or ``load_run`` returns. Shapes: N sequences, T steps,
 X observation dim, Z latent dim, S draws; batch-major, ``lengths`` [N] marks the real steps
-of each padded sequence. Forecast scoring and imputation are for 0/1 (Bernoulli) data.
+of each padded sequence. Forecast scoring is for 0/1 data (Bernoulli or NADE emission),
+imputation for the Bernoulli emission.
+
+For notes, ``logits`` and ``probs`` are p(x_td = 1 | ...) at the drawn x: the emission's
+own for the Bernoulli; for the NADE, each note's given the drawn notes below it
+(``dmm_jax.emissions.note_logits``), an unbiased one-draw estimate of the note's marginal.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import numpy as np
 from numpyro import handlers
 
 from dmm_jax.data.batching import PaddedSequences, sorted_batches
-from dmm_jax.emissions import emission_mean, emission_sample
+from dmm_jax.config import BINARY_EMISSIONS
+from dmm_jax.emissions import emission_mean, emission_sample, note_logits
 from dmm_jax.models import family_of
 from dmm_jax.models.common import sequence_mask
 
@@ -48,10 +54,10 @@ def _described(config, draws: dict) -> dict:
     """Adds the emission's mean (``probs`` for notes, ``mean`` otherwise) and, for notes,
     ``logits``; 0/1 draws as uint8 piano-roll entries."""
     kind = _generation(config).emission(config)
-    mean = emission_mean(kind, draws["emission"])
-    if kind != "bernoulli":
-        return {**draws, "mean": mean}
-    out = {**draws, "logits": draws["emission"][0], "probs": mean}
+    if kind not in BINARY_EMISSIONS:
+        return {**draws, "mean": emission_mean(kind, draws["emission"])}
+    logits = note_logits(kind, draws["emission"], draws["x"])
+    out = {**draws, "logits": logits, "probs": jax.nn.sigmoid(logits)}
     out["x"] = draws["x"].astype(jnp.uint8)
     return out
 
@@ -175,8 +181,9 @@ def forecast_split(
     and ``model_marginal_by_step`` / ``baseline_marginal_by_step``: for each horizon step j,
     the mean over sequences of log p(x_{k+j} | x_{1:k}) (how far ahead the model still helps).
     """
-    if _generation(config).emission(config) != "bernoulli":
-        raise NotImplementedError("forecast_split scores 0/1 (Bernoulli) models only")
+    kind = _generation(config).emission(config)
+    if kind not in BINARY_EMISSIONS:
+        raise NotImplementedError("forecast_split scores models of 0/1 data only")
     if prefix_length < 1:
         raise ValueError(f"prefix_length must be >= 1, got {prefix_length}")
     if horizon < 1:
@@ -211,7 +218,9 @@ def forecast_split(
             horizon,
             num_samples,
         )
-        for name, logits in (("model", out["logits"]), ("baseline", baseline)):
+        # Each draw's emission scored at the truth (a NADE's notes given the true lower notes).
+        scored = note_logits(kind, out["emission"], jnp.asarray(x_future))
+        for name, logits in (("model", scored), ("baseline", baseline)):
             joint = forecast_log_likelihood(logits, x_future, future_lengths)
             totals[name] += float(jnp.sum(joint))
             by_step[name] += np.asarray(_marginal_by_step(logits, x_future, future_lengths))
@@ -311,7 +320,8 @@ def impute(
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     gen = _generation(config)
     if gen.emission(config) != "bernoulli":
-        raise NotImplementedError("impute fills 0/1 (Bernoulli) data only")
+        # A NADE gives each note given the notes below it, not given an arbitrary subset.
+        raise NotImplementedError("impute fills 0/1 data of a Bernoulli emission only")
     missing = missing & sequence_mask(lengths, x.shape[1])[..., None]
     start = jnp.where(missing, jnp.zeros_like(x), x)
 

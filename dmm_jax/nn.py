@@ -202,6 +202,23 @@ class BernoulliEmitter(nn.Module):
         return Linear(self.obs_dim, name="hidden_to_logits")(h)
 
 
+class NADEEmitter(nn.Module):
+    """The biases of a NADE emission p(x_t | z_t) (``dmm_jax.emissions.NADE``) from the
+    Bernoulli emitter's two ReLU layers: z [..., Z] -> (hidden bias [..., H], visible bias
+    [..., X]). The NADE's shared weights are ``dmm_jax.emissions.NADEWeights``."""
+
+    obs_dim: int
+    emission_dim: int
+    nade_hidden: int
+
+    @nn.compact
+    def __call__(self, z: Array) -> tuple[Array, Array]:
+        h = nn.relu(Linear(self.emission_dim, name="z_to_hidden")(z))
+        h = nn.relu(Linear(self.emission_dim, name="hidden_to_hidden")(h))
+        hidden_bias = Linear(self.nade_hidden, name="hidden_to_nade_hidden_bias")(h)
+        return hidden_bias, Linear(self.obs_dim, name="hidden_to_logits")(h)
+
+
 class Combiner(nn.Module):
     """Guide step q(z_t | z_{t-1}, x) = N(loc, diag(scale^2)) of the structured guides.
 

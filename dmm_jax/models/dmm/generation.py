@@ -2,8 +2,8 @@
 (``dmm_jax.models.ModelFamily``), used by ``dmm_jax.generate``.
 
 The state carried between steps is (z_t [N, Z], x_t [N, X]); x_t matters to DMM-Aug only,
-whose transition and emission read the previous observation. Bernoulli emission, gated or
-linear transition, no inputs or time gaps.
+whose transition and emission read the previous observation. Bernoulli or NADE emission,
+gated or linear transition, no inputs or time gaps.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dmm_jax.config import DMMConfig
+from dmm_jax.config import BINARY_EMISSIONS, DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain
-from dmm_jax.emissions import emission_sample
+from dmm_jax.emissions import NADEWeights, emission_sample, with_nade_weights
 from dmm_jax.models.common import observed_entries
 from dmm_jax.models.dmm.model_guide import emitter_module, transition_module
 
@@ -28,18 +28,26 @@ def emission(config: DMMConfig) -> str:
 
 
 def _networks(params: dict, config: DMMConfig):
-    if config.emission != "bernoulli" or config.covariate_dim:
+    """(transition, emitter): the emitter maps the emission's input to the parameter tuple of
+    ``dmm_jax.emissions`` (the NADE's with its shared weights)."""
+    if config.emission not in BINARY_EMISSIONS or config.covariate_dim:
         raise NotImplementedError(
-            "generating from a DMM needs the Bernoulli emission and no inputs or time gaps"
+            "generating from a DMM needs a 0/1 emission (bernoulli or nade) and no inputs or "
+            "time gaps"
         )
     transition = functools.partial(
         transition_module(config).apply, {"params": params["transition$params"]}
     )
-    emitter = functools.partial(
+    apply_emitter = functools.partial(
         emitter_module(config).apply,
         {"params": params["emitter$params"]},
     )
-    return transition, emitter
+    if config.emission == "bernoulli":
+        return transition, lambda inputs: (apply_emitter(inputs),)
+    weights = NADEWeights(config.obs_dim, config.nade_hidden).apply(
+        {"params": params["nade$params"]}
+    )
+    return transition, lambda inputs: with_nade_weights(apply_emitter(inputs), weights)
 
 
 def start(params: dict, config: DMMConfig, num_sequences: int) -> State:
@@ -64,35 +72,37 @@ def roll_out(params: dict, key: Array, config: DMMConfig, state: State, num_step
     draws z and x together, each x_t feeding step t+1."""
     transition, emitter = _networks(params, config)
     z_start, x_start = state
+    kind = config.emission
     if config.augmented:
-        return _roll_out_augmented(transition, emitter, key, z_start, x_start, num_steps)
+        return _roll_out_augmented(transition, emitter, kind, key, z_start, x_start, num_steps)
     z_key, x_key = jax.random.split(key)
     z = MarkovGaussianChain(transition, z_start, z_start.shape[0], num_steps).sample(z_key)
-    logits = emitter(z)
-    return {"z": z, "x": emission_sample("bernoulli", x_key, (logits,)), "emission": (logits,)}
+    decoded = emitter(z)
+    return {"z": z, "x": emission_sample(kind, x_key, decoded), "emission": decoded}
 
 
-def _roll_out_augmented(transition, emitter, key, z_start, x_start, num_steps):
+def _roll_out_augmented(transition, emitter, kind, key, z_start, x_start, num_steps):
     def step(carry, key):
         z_prev, x_prev = carry
         z_key, x_key = jax.random.split(key)
         loc, scale = transition(z_prev, x_prev)
         z = loc + scale * jax.random.normal(z_key, loc.shape, loc.dtype)
-        logits = emitter(jnp.concatenate([z, x_prev], axis=-1))
-        x = emission_sample("bernoulli", x_key, (logits,))
-        return (z, x), (z, logits, x)
+        decoded = emitter(jnp.concatenate([z, x_prev], axis=-1))
+        x = emission_sample(kind, x_key, decoded)
+        return (z, x), (z, decoded, x)
 
-    _, (z, logits, x) = jax.lax.scan(step, (z_start, x_start), jax.random.split(key, num_steps))
-    z, logits, x = (jnp.swapaxes(a, 0, 1) for a in (z, logits, x))  # time-major -> [N, T, ...]
-    return {"z": z, "x": x, "emission": (logits,)}
+    _, (z, decoded, x) = jax.lax.scan(step, (z_start, x_start), jax.random.split(key, num_steps))
+    z, x = (jnp.swapaxes(a, 0, 1) for a in (z, x))  # time-major -> [N, T, ...]
+    # A NADE's shared weights come out stacked as [T, 1, H, X] -> [1, T, H, X]: broadcast.
+    return {"z": z, "x": x, "emission": tuple(jnp.swapaxes(a, 0, 1) for a in decoded)}
 
 
 def emission_params(
     params: dict, z: Array, x: Array, lengths: Array, config: DMMConfig
-) -> tuple[Array]:
-    """(logits [N, T, X],) of p(x_t | z_t) given the trajectory z."""
+) -> tuple[Array, ...]:
+    """p(x_t | z_t)'s parameters given the trajectory z: (logits [N, T, X],) for bernoulli."""
     del x, lengths
     if config.augmented:
         # Redrawing x_t from p(x_t | z_t, x_{t-1}) alone would ignore x_t's effect on step t+1.
         raise NotImplementedError("impute does not support DMM-Aug (config.augmented) models")
-    return (_networks(params, config)[1](z),)
+    return _networks(params, config)[1](z)

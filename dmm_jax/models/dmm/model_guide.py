@@ -12,7 +12,8 @@ as a traced argument a new value never recompiles. Optional keyword arguments:
                          then run on those rows only; the same values, less work on padding
 
     model:  z_t ~ N(Transition(z_{t-1}, c_t)),  x_t ~ Bernoulli(logits=Emitter(z_t)) or
-                                                x_t ~ N(Emitter(z_t))     (c_t = [u_t, dt_t])
+                                                x_t ~ N(Emitter(z_t)) or
+                                                x_t ~ NADE(Emitter(z_t))  (c_t = [u_t, dt_t])
             DMM-Aug (``config.augmented``): c_t gains x_{t-1} and the emitter reads
             [z_t, x_{t-1}] (x_0 = 0)
     guide:  h_{1:T} = BackwardEncoder([x, c]),   z_t ~ N(Combiner(z_{t-1}, h_t))
@@ -51,6 +52,12 @@ from numpyro.contrib.module import flax_module
 
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import MarkovGaussianChain, MeanFieldPosterior, StructuredPosterior
+from dmm_jax.emissions import (
+    PADDING_FILL,
+    NADEWeights,
+    emission_distribution,
+    with_nade_weights,
+)
 from dmm_jax.flows import InverseAutoregressiveFlow
 from dmm_jax.models.common import (
     observed_entries,
@@ -67,6 +74,7 @@ from dmm_jax.nn import (
     GaussianEmitter,
     GaussianHead,
     LinearTransition,
+    NADEEmitter,
 )
 from dmm_jax.real_steps import RealSteps, per_real_step
 
@@ -80,6 +88,8 @@ def transition_module(config: DMMConfig):
 
 
 def emitter_module(config: DMMConfig):
+    if config.emission == "nade":
+        return NADEEmitter(config.obs_dim, config.emission_dim, config.nade_hidden)
     if config.emission == "gaussian":
         return GaussianEmitter(
             config.obs_dim,
@@ -130,12 +140,18 @@ def model(
         if x_prev is not None:
             emission_in.append(x_prev.astype(z.dtype))
         emission_in = jnp.concatenate(emission_in, axis=-1) if len(emission_in) > 1 else z
-        if config.emission == "gaussian":
-            per_entry = dist.Normal(*per_real_step(emitter, steps, emission_in, fill=(0.0, 1.0)))
+        if config.emission == "nade":
+            biases = per_real_step(emitter, steps, emission_in, fill=PADDING_FILL["nade"])
+            weights = flax_module("nade", NADEWeights(config.obs_dim, config.nade_hidden))()
+            per_step = emission_distribution("nade", with_nade_weights(biases, weights), present)
         else:
-            per_entry = dist.Bernoulli(logits=per_real_step(emitter, steps, emission_in))
-        emission = per_entry.mask(present).to_event(1).mask(mask).to_event(1)
-        numpyro.sample("x", emission, obs=x)
+            if config.emission == "gaussian":
+                fill = PADDING_FILL["gaussian"]
+                per_entry = dist.Normal(*per_real_step(emitter, steps, emission_in, fill=fill))
+            else:
+                per_entry = dist.Bernoulli(logits=per_real_step(emitter, steps, emission_in))
+            per_step = per_entry.mask(present).to_event(1)
+        numpyro.sample("x", per_step.mask(mask).to_event(1), obs=x)
     return z
 
 

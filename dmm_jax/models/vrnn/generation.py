@@ -12,6 +12,7 @@ from dmm_jax.emissions import (
 )
 from dmm_jax.models.common import observed_entries
 from dmm_jax.models.vrnn.networks import (
+    decoded_with_weights,
     State,
     hidden_before,
     hidden_of,
@@ -42,15 +43,16 @@ def roll_out(
         z = loc + scale * jax.random.normal(z_key, loc.shape, loc.dtype)
         features_z = nets["phi_z"](z)
         decoded = nets["decoder"](jnp.concatenate([features_z, g], axis=-1))
-        x = emission_sample(config.emission, x_key, decoded)
+        x = emission_sample(config.emission, x_key, decoded_with_weights(nets, config, decoded))
         state = nets["rnn"](state, jnp.concatenate([nets["phi_x"](x), features_z], axis=-1))
         return state, (z, x, decoded)
 
     _, (z, x, decoded) = jax.lax.scan(step, state, jax.random.split(key, num_steps))
+    decoded = tuple(time_major(a) for a in decoded)
     return {
         "z": time_major(z),
         "x": time_major(x),
-        "emission": jax.tree.map(time_major, decoded),
+        "emission": decoded_with_weights(nets, config, decoded),
     }
 
 
@@ -77,7 +79,8 @@ def emission_params(
     x, _ = observed_entries(x)
     features_z = nets["phi_z"](z)
     g = hidden_before(run_rnn(nets, config, nets["phi_x"](x), features_z))
-    return nets["decoder"](jnp.concatenate([features_z, g], axis=-1))
+    decoded = nets["decoder"](jnp.concatenate([features_z, g], axis=-1))
+    return decoded_with_weights(nets, config, decoded)
 
 
 def start(params: dict, config: VRNNConfig, num_sequences: int) -> State:

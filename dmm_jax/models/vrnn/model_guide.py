@@ -25,6 +25,7 @@ from dmm_jax.emissions import (
 )
 from dmm_jax.models.common import observed_entries, sequence_mask, transition_covariates
 from dmm_jax.models.vrnn.networks import (
+    decoded_with_weights,
     hidden_before,
     hidden_of,
     initial_state,
@@ -44,6 +45,8 @@ def register(config: VRNNConfig, names: tuple[str, ...]) -> dict[str, Any]:
     available = modules(config)
     if config.standard_prior:
         names = tuple(n for n in names if n != "prior")
+    if config.emission != "nade":
+        names = tuple(n for n in names if n != "nade")
     return {n: flax_module(n, available[n][0], *available[n][1]) for n in names}
 
 
@@ -183,7 +186,7 @@ def model(
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
     x, present = observed_entries(x, obs_mask)
-    nets = register(config, ("phi_x", "phi_z", "rnn", "prior", "decoder"))
+    nets = register(config, ("phi_x", "phi_z", "rnn", "prior", "decoder", "nade"))
     mask = sequence_mask(lengths, num_steps)
     features_x = per_real_step(nets["phi_x"], steps, x)
     prior = VRNNPrior(nets, config, features_x, covariates, mask, steps)
@@ -197,6 +200,7 @@ def model(
             jnp.concatenate([features_z, g], axis=-1),
             fill=PADDING_FILL[config.emission],
         )
+        decoded = decoded_with_weights(nets, config, decoded)
         emission = emission_distribution(config.emission, decoded, present)
         numpyro.sample("x", emission.mask(mask).to_event(1), obs=x)
     return z

@@ -12,9 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dmm_jax.config import VRNNConfig
-from dmm_jax.emissions import (
-    EmissionHead,
-)
+from dmm_jax.emissions import EmissionHead, NADEWeights, with_nade_weights
 from dmm_jax.nn import Linear, LinearWeights, gru_step, lstm_step
 from dmm_jax.scans import scan_up_to
 
@@ -85,7 +83,8 @@ class Decoder(nn.Module):
     def __call__(self, inputs: Array) -> tuple[Array, ...]:
         c = self.config
         h = MLP((c.hidden_dim, c.hidden_dim), name="hidden")(inputs)
-        return EmissionHead(c.emission, c.obs_dim, c.mixture_components, name="head")(h)
+        head = EmissionHead(c.emission, c.obs_dim, c.mixture_components, c.nade_hidden, name="head")
+        return head(h)
 
 
 class RecurrentCell(nn.Module):
@@ -150,7 +149,16 @@ def modules(config: VRNNConfig) -> dict[str, tuple[nn.Module, tuple]]:
             (zeros((1, c.feature_dim + c.state_dim)),),
         ),
         "decoder": (Decoder(c), (zeros((1, c.feature_dim + c.state_dim)),)),
+        # A NADE emission's weights, shared by all steps (registered only with that emission).
+        "nade": (NADEWeights(c.obs_dim, c.nade_hidden), ()),
     }
+
+
+def decoded_with_weights(nets: dict, config: VRNNConfig, decoded: tuple) -> tuple:
+    """The decoder's per-step parameters, completed with a NADE's shared weights."""
+    if config.emission != "nade":
+        return decoded
+    return with_nade_weights(decoded, nets["nade"]())
 
 
 def networks(params: dict, config: VRNNConfig) -> dict[str, Any]:
