@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-from dmm_jax.data.batching import PaddedSequences, sorted_batches
 from dmm_jax.config import BINARY_EMISSIONS
+from dmm_jax.data.batching import PaddedSequences, sorted_batches
 from dmm_jax.emissions import emission_mean, emission_sample, note_logits
 from dmm_jax.models import family_of
 from dmm_jax.models.common import sequence_mask

@@ -12,8 +12,8 @@ from dmm_jax.emissions import (
 )
 from dmm_jax.models.common import observed_entries
 from dmm_jax.models.vrnn.networks import (
-    decoded_with_weights,
     State,
+    decoded_with_weights,
     hidden_before,
     hidden_of,
     initial_state,
