@@ -22,6 +22,7 @@ from dmm_jax.config import (
     KL_ESTIMATORS,
     LR_SCHEDULES,
     MODEL_CONFIGS,
+    OBJECTIVES,
     TrainConfig,
 )
 from dmm_jax.data.polyphonic import DATASETS
@@ -191,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=t.kl,
         help="sampled: log p(z) - log q(z) at the draw (the reference); analytic: closed-form "
         "KL per step given the drawn z_{t-1} (the paper; not with --num-iafs)",
+    )
+    train.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=t.objective,
+        help="elbo: the evidence lower bound (averaged over --particles draws); iwae: the "
+        "importance-weighted bound over --particles draws of every latent path (tighter)",
+    )
+    train.add_argument(
+        "--particles",
+        type=int,
+        default=t.particles,
+        help="draws of every latent path per sequence and update",
     )
     train.add_argument(
         "--early-stopping-patience",

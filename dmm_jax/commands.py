@@ -90,6 +90,8 @@ def _train(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             eval_samples=args.eval_samples,
             kl=args.kl,
+            objective=args.objective,
+            particles=args.particles,
             lr_schedule=args.lr_schedule,
             annealing_schedule=args.annealing_schedule,
             early_stopping_patience=args.early_stopping_patience,

@@ -26,6 +26,7 @@ LATENT_ODE_ENCODERS = ("ode-rnn", "rnn")
 # z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
 GUIDES = ("st-r", "st-l", "st-lr", "mf-l", "mf-lr")
 KL_ESTIMATORS = ("sampled", "analytic")
+OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("exponential", "constant", "cosine")
 ANNEALING_SCHEDULES = ("linear", "cosine")
 
@@ -253,7 +254,9 @@ class TrainConfig:
 
     kl: "sampled" estimates log p(z) - log q(z) from the guide's draw (the reference);
     "analytic" uses sum_t KL(q(z_t | ...) || p(z_t | z_{t-1})) in closed form given the drawn
-    z_{t-1} (the paper; not with flows). early_stopping_patience: stop after this many
+    z_{t-1} (the paper; not with flows). objective: "elbo" (averaged over ``particles`` draws)
+    or "iwae", the importance-weighted bound over ``particles`` draws of every latent path
+    (``dmm_jax.objectives``; with kl "sampled" only). early_stopping_patience: stop after this many
     evaluations (every eval_every epochs) without a better validation bound; 0 never stops.
     """
 
@@ -286,12 +289,16 @@ class TrainConfig:
     eval_samples: int = 1
     eval_batch_size: int = 64
     kl: str = "sampled"
+    objective: str = "elbo"
+    particles: int = 1
     lr_schedule: str = "exponential"
     annealing_schedule: str = "linear"
     early_stopping_patience: int = 0
 
     def __post_init__(self):
-        positive = ("epochs", "batch_size", "learning_rate", "eval_samples", "eval_batch_size")
+        positive = (
+            "epochs", "batch_size", "learning_rate", "eval_samples", "eval_batch_size", "particles"
+        )  # fmt: skip
         for field in positive:
             if getattr(self, field) <= 0:
                 raise ValueError(
@@ -299,6 +306,7 @@ class TrainConfig:
                 )
         choices = (
             ("kl", KL_ESTIMATORS),
+            ("objective", OBJECTIVES),
             ("lr_schedule", LR_SCHEDULES),
             ("annealing_schedule", ANNEALING_SCHEDULES),
         )
@@ -322,6 +330,13 @@ class TrainConfig:
             raise ValueError("TrainConfig.minimum_annealing_factor must be in (0, 1]")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("TrainConfig.lr_decay must be in (0, 1]")
+        if self.objective != "elbo" and self.kl == "analytic":
+            raise ValueError(
+                f"TrainConfig.objective={self.objective!r} scores the drawn paths: it needs "
+                "kl='sampled'"
+            )
+        if self.kl == "analytic" and self.particles != 1:
+            raise ValueError("TrainConfig.kl='analytic' takes one particle (particles=1)")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError(
                 "TrainConfig.early_stopping_patience needs eval_every > 0 (it counts evaluations)"

@@ -22,7 +22,7 @@ from dmm_jax import distributed
 from dmm_jax.data.batching import balanced_batch_size, sorted_batches
 from dmm_jax.data.splits import Batchable, SequenceSplit, as_batchable
 from dmm_jax.models import family_of
-from dmm_jax.objectives import scaled_log_prob, trace_guide_and_model
+from dmm_jax.objectives import log_weight
 
 Array = jax.Array
 Params = dict
@@ -50,12 +50,9 @@ def elbo_per_sequence(
     covariates = {"inputs": inputs, "dt": dt, "obs_mask": obs_mask}
     kwargs = {"config": config, **{k: v for k, v in covariates.items() if v is not None}}
     family = family_of(config)
-    guide_trace, model_trace = trace_guide_and_model(
+    return log_weight(
         params, key, family.model, family.guide, x, lengths, annealing_factor, **kwargs
     )
-    log_p = sum(scaled_log_prob(s) for s in model_trace.values() if s["type"] == "sample")
-    log_q = sum(scaled_log_prob(s) for s in guide_trace.values() if s["type"] == "sample")
-    return log_p - log_q
 
 
 def _log_weights(params: Params, keys: Array, x: Array, lengths: Array, config, covariates: dict):

@@ -34,7 +34,7 @@ from dmm_jax.data.batching import (
     real_step_capacities,
 )
 from dmm_jax.models import family_of
-from dmm_jax.objectives import AnalyticKLTraceELBO
+from dmm_jax.objectives import AnalyticKLTraceELBO, ImportanceWeightedELBO
 from dmm_jax.optim import clipped_adam
 from dmm_jax.runtime import compiler_options as default_compiler_options
 
@@ -52,9 +52,10 @@ class TrainState(NamedTuple):
 
 def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int = 1) -> SVI:
     """NumPyro SVI over the model/guide of ``model_config``'s family (``dmm_jax.models``) with
-    ClippedAdam and Trace_ELBO (``kl="sampled"``) or the closed-form-KL ELBO
-    (``kl="analytic"``). ``steps_per_epoch`` sets the length of a cosine learning-rate
-    schedule (``fit`` passes the real number)."""
+    ClippedAdam and Trace_ELBO (``kl="sampled"``), the closed-form-KL ELBO
+    (``kl="analytic"``) or the IWAE bound (``objective="iwae"``), over
+    ``train_config.particles`` draws. ``steps_per_epoch`` sets the length of a cosine
+    learning-rate schedule (``fit`` passes the real number)."""
     if train_config.kl == "analytic" and getattr(model_config, "num_iafs", 0):
         raise ValueError(
             "TrainConfig.kl='analytic' needs Gaussian guide steps: not available with "
@@ -65,8 +66,17 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
         functools.partial(family.model, config=model_config),
         functools.partial(family.guide, config=model_config),
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
-        AnalyticKLTraceELBO() if train_config.kl == "analytic" else Trace_ELBO(),
+        training_objective(train_config),
     )
+
+
+def training_objective(train_config: TrainConfig):
+    """The NumPyro loss object that ``train_config`` names."""
+    if train_config.objective == "iwae":
+        return ImportanceWeightedELBO(train_config.particles)
+    if train_config.kl == "analytic":
+        return AnalyticKLTraceELBO()
+    return Trace_ELBO(num_particles=train_config.particles)
 
 
 def init_train_state(

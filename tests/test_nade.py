@@ -2,24 +2,27 @@
 one, the factorised Bernoulli when its notes are uncoupled, its log density against a plain
 loop over notes, sampling frequencies against its probabilities; and the emission inside the
 DMM and the VRNN: the ELBO against the Bernoulli model's where they coincide, finite gradients
-under padding, and generation."""
+under padding, generation, and the CLI from training (by the IWAE bound) to forecasts."""
 
 import dataclasses
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import init_params, random_binary_batch
+from conftest import init_params, random_binary_batch, write_tiny_chorales
 from numpyro.infer import Trace_ELBO
 from scipy import stats
 
+from dmm_jax.cli import main
 from dmm_jax.config import DMMConfig, VRNNConfig
 from dmm_jax.emissions import NADE, note_logits
 from dmm_jax.evaluate import elbo_per_sequence
 from dmm_jax.generate import forecast, forecast_split, impute, sample_prior
 from dmm_jax.models import dmm, vrnn
+from dmm_jax.train import load_run
 
 NOTES = 6
 HIDDEN = 4
@@ -197,3 +200,47 @@ def test_impute_refuses_a_nade_emission(key):
     x, lengths = random_binary_batch(0, 2, 4, NOTES)
     with pytest.raises(NotImplementedError, match="Bernoulli emission only"):
         impute(params, key, x, lengths, jnp.ones_like(x, bool), DMM_NADE)
+
+
+def test_cli_trains_a_nade_dmm_by_iwae_and_uses_its_checkpoint(tmp_path, capsys):
+    """``dmm-jax train --emission nade --objective iwae``, then evaluate, sample to MIDI and
+    forecast from the checkpoint."""
+    data = write_tiny_chorales(
+        tmp_path / "tiny.json", {"train": [9, 6, 8], "valid": [5], "test": [7, 4]}
+    )
+    run_dir, log = tmp_path / "run", tmp_path / "log.jsonl"
+    tiny = ["--z-dim", "3", "--emission-dim", "8", "--transition-dim", "8", "--rnn-dim", "8"]
+    args = ["train", "--data", str(data), *tiny, "--emission", "nade", "--nade-hidden", "5"]
+    args += ["--objective", "iwae", "--particles", "3", "--epochs", "2", "--batch-size", "3"]
+    assert main([*args, "--checkpoint-dir", str(run_dir), "--log-json", str(log), "--quiet"]) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 2 and np.isfinite(records[-1]["test_loss_per_step"])
+    run = load_run(run_dir)
+    assert run.model_config.emission == "nade" and run.train_config.objective == "iwae"
+    assert run.params["nade$params"]["W"].shape == (5, 88)
+    common = ["--checkpoint", str(run_dir), "--data", str(data)]
+    assert main(["evaluate", *common, "--estimator", "is", "--samples", "3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["is_nll_per_step"] <= out["elbo_nll_per_step"]
+    midi = tmp_path / "midi"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run_dir),
+                "--num",
+                "2",
+                "--length",
+                "4",
+                "--midi",
+                str(midi),
+            ]
+        )
+        == 0
+    )
+    assert len(list(midi.glob("*.mid"))) == 2
+    capsys.readouterr()
+    assert main(["forecast", *common, "--prefix", "3", "--horizon", "2", "--samples", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(out["model_log_likelihood_per_step"])
