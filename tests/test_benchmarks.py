@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, write_tiny_chorales
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,22 @@ def test_early_training_counts_failed_spiked_and_finished_runs():
     assert summary["finished"] == 3 and summary["median_final_loss"] == 40.0
     table = bench.format_table([summary], epochs=3, spike=1e3)
     assert "| impl | 4 | 1 [2] | 1 [1] | 3 | 40.00 |" in table.splitlines()
+
+
+def test_quality_trains_scores_and_names_its_result_file(tmp_path, capsys):
+    quality = load_benchmark("quality")
+    assert quality.machine_tag("AMD EPYC 7B13 64-Core Processor") == "cpu_epyc"
+    assert quality.machine_tag("Intel(R) Xeon(R) CPU @ 2.20GHz") == "cpu_xeon"
+    data = write_tiny_chorales(
+        tmp_path / "tiny.json", {"train": [6, 5], "valid": [4], "test": [5, 3]}
+    )
+    tiny = ["--z-dim", "2", "--emission-dim", "4", "--transition-dim", "4", "--rnn-dim", "4"]
+    argv = ["--config", "tiny-nade", "--epochs", "1", "--samples", "3", "--out-dir", str(tmp_path)]
+    argv += ["--", "--data", str(data), *tiny, "--emission", "nade", "--nade-hidden", "3"]
+    assert quality.main(argv) == 0
+    [path] = tmp_path.glob("quality_jsb_chorales_tiny-nade_cpu_*.json")
+    result = json.loads(path.read_text())
+    assert (result["model"], result["emission"], result["objective"]) == ("dmm", "nade", "elbo")
+    assert result["epochs"] == 1 and result["samples"] == 3 and result["split"] == "test"
+    assert result["is_nll_per_step"] <= result["bound_nll_per_step"]
+    assert result["command"].startswith("python benchmarks/quality.py --config tiny-nade")

@@ -1,0 +1,116 @@
+"""Test likelihood of one trained configuration: ``dmm-jax train`` with the given flags, then
+the test split scored by the bound and by importance sampling (S draws per sequence).
+
+Writes ``quality_<dataset>_<config>_<machine>_<yyyy-mm>.json`` into ``--out-dir`` with the
+keys dataset, model, emission, objective, particles, split, bound_nll_per_step,
+is_nll_per_step, samples, epochs, wall_seconds, command, machine, date (and the per-epoch
+history, peak memory and package versions). Everything after ``--`` goes to ``dmm-jax train``:
+
+    python benchmarks/quality.py --config dmm-aug-nade --epochs 1000 --samples 2000 \\
+        -- --dataset jsb --augmented --emission nade
+    python benchmarks/quality.py --config vrnn-iwae4 --epochs 500 \\
+        -- --dataset jsb --model vrnn --objective iwae --particles 4
+
+The checkpoint directory (``--checkpoint-dir``, default a temporary one) lets a long run be
+continued with ``--resume``. Lower figures are better (nats per time step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from epoch_time import provenance
+from robustness import run_cli, train_run
+
+
+def machine_tag(cpu_model: str) -> str:
+    """A short file-name tag for the CPU: 'AMD EPYC 7B13' -> 'cpu_epyc'."""
+    words = re.findall(r"[a-z0-9]+", cpu_model.lower())
+    known = [w for w in words if w in ("epyc", "xeon", "ryzen", "core", "graviton", "m1", "m2")]
+    return "cpu_" + (known[0] if known else (words[0] if words else "unknown"))
+
+
+def train_setting(flags: list[str], name: str, default: str) -> str:
+    """The value of ``--name`` among the train flags, or its default."""
+    option = f"--{name}"
+    for i, flag in enumerate(flags):
+        if flag == option and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith(option + "="):
+            return flag.split("=", 1)[1]
+    return default
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split_at = argv.index("--") if "--" in argv else len(argv)
+    own, train_flags = argv[:split_at], argv[split_at + 1 :]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="a name for the file: letters, digits, -")
+    parser.add_argument("--epochs", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=100, help="validation every K epochs")
+    parser.add_argument("--samples", type=int, default=2000, help="IS draws per test sequence")
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--checkpoint-dir", default=None, help="keep the run here (resumable)")
+    parser.add_argument("--resume", action="store_true", help="continue --checkpoint-dir")
+    parser.add_argument("--out-dir", default=str(HERE / "results"))
+    args = parser.parse_args(own)
+    if not re.fullmatch(r"[A-Za-z0-9-]+", args.config):
+        parser.error(f"--config must be letters, digits and '-', got {args.config!r}")
+    started = time.time()
+    with tempfile.TemporaryDirectory() as workdir:
+        checkpoint = Path(args.checkpoint_dir or Path(workdir) / "run")
+        flags = [*train_flags, "--epochs", str(args.epochs), "--eval-every", str(args.eval_every)]
+        flags += ["--checkpoint-dir", str(checkpoint)] + (["--resume"] if args.resume else [])
+        run = train_run(flags, Path(workdir) / "train.jsonl")
+        evaluate = ["evaluate", "--checkpoint", str(checkpoint), "--split", args.split]
+        evaluate += ["--estimator", "is", "--samples", str(args.samples)]
+        data = train_setting(train_flags, "data", None)
+        evaluate += ["--data", data] if data else []
+        peak, console = run_cli(evaluate)
+        scores = json.loads(console[console.index("{") :])
+    record = provenance("quality.py", argv)
+    result = {
+        "dataset": scores["dataset"],
+        "model": train_setting(train_flags, "model", "dmm"),
+        "augmented": "--augmented" in train_flags,
+        "emission": train_setting(train_flags, "emission", "bernoulli"),
+        "objective": train_setting(train_flags, "objective", "elbo"),
+        "particles": int(train_setting(train_flags, "particles", "1")),
+        "split": args.split,
+        "bound_nll_per_step": scores["elbo_nll_per_step"],
+        "is_nll_per_step": scores["is_nll_per_step"],
+        "samples": args.samples,
+        "epochs": scores["epochs_trained"],
+        "wall_seconds": time.time() - started,
+        **record,
+        "train_flags": train_flags,
+        "history": run["epochs"],
+        "train_peak_rss_mib": run["peak_rss_mib"],
+        "evaluation_peak_rss_mib": peak["peak_rss_bytes"] / 2**20,
+        "evaluation": scores,
+    }
+    month = record["date"][:7]
+    machine = machine_tag(record["machine"]["cpu_model"])
+    out = Path(args.out_dir) / f"quality_{result['dataset']}_{args.config}_{machine}_{month}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(out)  # atomic: a reader never sees half a file
+    print(json.dumps({k: result[k] for k in ("bound_nll_per_step", "is_nll_per_step", "epochs")}))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
