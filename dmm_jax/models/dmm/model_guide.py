@@ -101,6 +101,51 @@ def emitter_module(config: DMMConfig):
     return BernoulliEmitter(config.obs_dim, config.emission_dim)
 
 
+def model_networks(config: DMMConfig):
+    """Registers the model's networks, in a fixed order (it decides the initial parameters):
+    (transition, emitter, the NADE's shared weights or None, z_0)."""
+    cov_dim = config.transition_covariate_dim
+    cov_example = (jnp.zeros((1, cov_dim)),) if cov_dim else ()
+    transition = flax_module(
+        "transition", transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
+    )
+    emitter = flax_module(
+        "emitter", emitter_module(config), input_shape=(1, config.emission_input_dim)
+    )
+    z_0 = numpyro.param("z_0", jnp.zeros(config.z_dim))
+    weights = None
+    if config.emission == "nade":
+        weights = flax_module("nade", NADEWeights(config.obs_dim, config.nade_hidden))()
+    return transition, emitter, weights, z_0
+
+
+def step_emission(config: DMMConfig, decoded, weights, present: Array) -> dist.Distribution:
+    """p(x_t | ...) with event shape (X,) from the emitter's output (and a NADE's weights);
+    entries not ``present`` are not scored."""
+    if config.emission == "nade":
+        return emission_distribution("nade", with_nade_weights(decoded, weights), present)
+    if config.emission == "gaussian":
+        per_entry = dist.Normal(*decoded)
+    else:
+        per_entry = dist.Bernoulli(logits=decoded)
+    return per_entry.mask(present).to_event(1)
+
+
+def emission_extras(config: DMMConfig, inputs: Array | None, x_prev: Array | None):
+    """What the emission reads besides z_t, [B, T, E]: u_t if inputs_to_emission, then x_{t-1}
+    if augmented; None if nothing."""
+    extras = []
+    if config.inputs_to_emission:
+        extras.append(jnp.asarray(inputs, jnp.float32))
+    if x_prev is not None:
+        extras.append(x_prev.astype(jnp.float32))
+    return jnp.concatenate(extras, axis=-1) if extras else None
+
+
+def with_extras(z: Array, extras: Array | None) -> Array:
+    return z if extras is None else jnp.concatenate([z, extras.astype(z.dtype)], axis=-1)
+
+
 def model(
     x: Array,
     lengths: Array,
@@ -119,14 +164,7 @@ def model(
     x_prev = previous_observations(x) if config.augmented else None
     if x_prev is not None:
         covariates = x_prev if covariates is None else jnp.concatenate([covariates, x_prev], -1)
-    cov_example = () if covariates is None else (jnp.zeros((1, config.transition_covariate_dim)),)
-    transition = flax_module(
-        "transition", transition_module(config), jnp.zeros((1, config.z_dim)), *cov_example
-    )
-    emitter = flax_module(
-        "emitter", emitter_module(config), input_shape=(1, config.emission_input_dim)
-    )
-    z_0 = numpyro.param("z_0", jnp.zeros(config.z_dim))
+    transition, emitter, weights, z_0 = model_networks(config)
     mask = sequence_mask(lengths, num_steps)
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
@@ -134,23 +172,10 @@ def model(
                 "z",
                 MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates, steps),
             )
-        emission_in = [z]
-        if config.inputs_to_emission:
-            emission_in.append(jnp.asarray(inputs, z.dtype))
-        if x_prev is not None:
-            emission_in.append(x_prev.astype(z.dtype))
-        emission_in = jnp.concatenate(emission_in, axis=-1) if len(emission_in) > 1 else z
-        if config.emission == "nade":
-            biases = per_real_step(emitter, steps, emission_in, fill=PADDING_FILL["nade"])
-            weights = flax_module("nade", NADEWeights(config.obs_dim, config.nade_hidden))()
-            per_step = emission_distribution("nade", with_nade_weights(biases, weights), present)
-        else:
-            if config.emission == "gaussian":
-                fill = PADDING_FILL["gaussian"]
-                per_entry = dist.Normal(*per_real_step(emitter, steps, emission_in, fill=fill))
-            else:
-                per_entry = dist.Bernoulli(logits=per_real_step(emitter, steps, emission_in))
-            per_step = per_entry.mask(present).to_event(1)
+        emission_in = with_extras(z, emission_extras(config, inputs, x_prev))
+        fill = PADDING_FILL[config.emission]
+        decoded = per_real_step(emitter, steps, emission_in, fill=fill)
+        per_step = step_emission(config, decoded, weights, present)
         numpyro.sample("x", per_step.mask(mask).to_event(1), obs=x)
     return z
 
@@ -176,60 +201,76 @@ def guide(
     x, _ = observed_entries(x, obs_mask)
     if covariates is not None:
         x = jnp.concatenate([x, covariates], axis=-1)
+    nets = guide_networks(config)
+    mask = sequence_mask(lengths, num_steps)
+    hidden = guide_conditioning(nets, config, x, mask, steps)
+    if "combiner" in nets:
+        combiner = nets["combiner"]
+        trajectory = functools.partial(combiner, method="sample_trajectory", steps=steps)
+        posterior = StructuredPosterior(
+            combiner, nets["z_q_0"], hidden, mask, trajectory, nets["iaf"]
+        )
+    else:
+        loc, scale = nets["head"](hidden)
+        posterior = MeanFieldPosterior(loc, scale, mask, nets["iaf"])
+    with numpyro.plate("sequences", batch), handlers.scale(scale=annealing_factor):
+        return numpyro.sample("z", posterior)
+
+
+def guide_networks(config: DMMConfig) -> dict:
+    """Registers the guide's networks, in a fixed order (it decides the initial parameters):
+    "encoder" (right) and/or "encoder_left", then "combiner" and "z_q_0" (structured guides) or
+    "head" (mean-field), and "iaf" (None without flows)."""
     z_dim, rnn_dim = config.z_dim, config.rnn_dim
-    uses_right = config.guide in ("st-r", "st-lr", "mf-lr")
-    uses_left = config.guide in ("st-l", "st-lr", "mf-l", "mf-lr")
-    structured = config.guide.startswith("st")
     x_init = jnp.zeros((1, 1, config.obs_dim + config.covariate_dim))
     mask_init = jnp.ones((1, 1), dtype=bool)
     activation = config.encoder_activation
-    # Registration order is fixed (it decides the initial parameters drawn from the key):
+    nets = {"iaf": None}
     # ST-R registers exactly what it always has, in the same order.
-    if uses_right:
-        encoder = flax_module(
+    if config.guide in ("st-r", "st-lr", "mf-lr"):
+        nets["encoder"] = flax_module(
             "encoder",
             BackwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp, activation),
             x_init,
             mask_init,
         )
-    if uses_left:
-        encoder_left = flax_module(
+    if config.guide in ("st-l", "st-lr", "mf-l", "mf-lr"):
+        nets["encoder_left"] = flax_module(
             "encoder_left",
             ForwardEncoder(rnn_dim, config.rnn_cell, config.custom_vjp, activation),
             x_init,
             mask_init,
         )
-    if structured:
+    if config.guide.startswith("st"):
         mix = 1.0 / 3.0 if config.guide == "st-lr" else 0.5
-        combiner = flax_module(
+        nets["combiner"] = flax_module(
             "combiner",
             Combiner(z_dim, rnn_dim, config.custom_vjp, mix),
             jnp.zeros((1, z_dim)),
             jnp.zeros((1, rnn_dim)),
         )
-        z_q_0 = numpyro.param("z_q_0", jnp.zeros(z_dim))
+        nets["z_q_0"] = numpyro.param("z_q_0", jnp.zeros(z_dim))
     else:
-        head = flax_module("head", GaussianHead(z_dim), input_shape=(1, rnn_dim))
-    flow = None
+        nets["head"] = flax_module("head", GaussianHead(z_dim), input_shape=(1, rnn_dim))
     if config.num_iafs:
-        flow = flax_module(
+        nets["iaf"] = flax_module(
             "iaf",
             InverseAutoregressiveFlow(z_dim, config.num_iafs, config.iaf_dim),
             input_shape=(1, z_dim),
         )
+    return nets
 
-    mask = sequence_mask(lengths, num_steps)
+
+def guide_conditioning(
+    nets: dict, config: DMMConfig, x: Array, mask: Array, steps: RealSteps | None = None
+) -> Array:
+    """What q(z_t | ...) reads besides z_{t-1}, [B, T, H], from the encoders over ``x`` (the
+    observations with missing entries as 0, then the covariates): h^L_t, h^R_t or their sum;
+    for MF-LR their average."""
     states = []  # h^L_t and/or h^R_t, [B, T, H] each
-    if uses_left:
-        states.append(encoder_left(x, mask))
-    if uses_right:
-        states.append(encoder(x, mask, steps))
+    if "encoder_left" in nets:
+        states.append(nets["encoder_left"](x, mask))
+    if "encoder" in nets:
+        states.append(nets["encoder"](x, mask, steps))
     hidden = states[0] if len(states) == 1 else states[0] + states[1]
-    if structured:
-        trajectory = functools.partial(combiner, method="sample_trajectory", steps=steps)
-        posterior = StructuredPosterior(combiner, z_q_0, hidden, mask, trajectory, flow)
-    else:
-        loc, scale = head(0.5 * hidden if config.guide == "mf-lr" else hidden)
-        posterior = MeanFieldPosterior(loc, scale, mask, flow)
-    with numpyro.plate("sequences", batch), handlers.scale(scale=annealing_factor):
-        return numpyro.sample("z", posterior)
+    return 0.5 * hidden if config.guide == "mf-lr" else hidden
