@@ -23,6 +23,7 @@ from dmm_jax.config import (
     LR_SCHEDULES,
     MODEL_CONFIGS,
     OBJECTIVES,
+    RESAMPLING,
     TrainConfig,
 )
 from dmm_jax.data.polyphonic import DATASETS
@@ -198,7 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OBJECTIVES,
         default=t.objective,
         help="elbo: the evidence lower bound (averaged over --particles draws); iwae: the "
-        "importance-weighted bound over --particles draws of every latent path (tighter)",
+        "importance-weighted bound over --particles draws of every latent path (tighter); "
+        "fivo: a particle filter's bound with --particles particles (dmm, vrnn)",
+    )
+    train.add_argument(
+        "--resampling",
+        choices=RESAMPLING,
+        default=t.resampling,
+        help="fivo: how particles are resampled when their effective number falls below half",
     )
     train.add_argument(
         "--particles",

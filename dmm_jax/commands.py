@@ -92,6 +92,7 @@ def _train(args: argparse.Namespace) -> int:
             kl=args.kl,
             objective=args.objective,
             particles=args.particles,
+            resampling=args.resampling,
             lr_schedule=args.lr_schedule,
             annealing_schedule=args.annealing_schedule,
             early_stopping_patience=args.early_stopping_patience,

@@ -26,7 +26,8 @@ LATENT_ODE_ENCODERS = ("ode-rnn", "rnn")
 # z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
 GUIDES = ("st-r", "st-l", "st-lr", "mf-l", "mf-lr")
 KL_ESTIMATORS = ("sampled", "analytic")
-OBJECTIVES = ("elbo", "iwae")
+OBJECTIVES = ("elbo", "iwae", "fivo")
+RESAMPLING = ("systematic", "multinomial")  # dmm_jax.filtering
 LR_SCHEDULES = ("exponential", "constant", "cosine")
 ANNEALING_SCHEDULES = ("linear", "cosine")
 
@@ -256,7 +257,8 @@ class TrainConfig:
     "analytic" uses sum_t KL(q(z_t | ...) || p(z_t | z_{t-1})) in closed form given the drawn
     z_{t-1} (the paper; not with flows). objective: "elbo" (averaged over ``particles`` draws)
     or "iwae", the importance-weighted bound over ``particles`` draws of every latent path
-    (``dmm_jax.objectives``; with kl "sampled" only). early_stopping_patience: stop after this many
+    (``dmm_jax.objectives``; with kl "sampled" only) or "fivo", the particle filter's bound
+    with ``particles`` particles resampled by ``resampling`` (``dmm_jax.filtering``). early_stopping_patience: stop after this many
     evaluations (every eval_every epochs) without a better validation bound; 0 never stops.
     """
 
@@ -291,6 +293,7 @@ class TrainConfig:
     kl: str = "sampled"
     objective: str = "elbo"
     particles: int = 1
+    resampling: str = "systematic"
     lr_schedule: str = "exponential"
     annealing_schedule: str = "linear"
     early_stopping_patience: int = 0
@@ -307,6 +310,7 @@ class TrainConfig:
         choices = (
             ("kl", KL_ESTIMATORS),
             ("objective", OBJECTIVES),
+            ("resampling", RESAMPLING),
             ("lr_schedule", LR_SCHEDULES),
             ("annealing_schedule", ANNEALING_SCHEDULES),
         )

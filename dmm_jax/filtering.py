@@ -28,11 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dmm_jax.config import RESAMPLING
 from dmm_jax.distributions import step_noise
 
 Array = jax.Array
-
-RESAMPLING = ("systematic", "multinomial")
 
 
 def effective_sample_size(log_weights: Array) -> Array:
@@ -84,8 +83,7 @@ def particle_filter(
 
     ``carry``: the particles' state, leaves [B, K, ...]; ``inputs``: time-major leaves
     [T, B, ...] given to ``step`` one step at a time; ``mask`` [B, T]: real steps. Noise for
-    step t is ``step_noise`` of the first half of ``split(key)`` (so K = 1 draws what a guide
-    of the same key draws for [B, Z]); resampling uses the second half.
+    step t is ``step_noise`` of the first half of ``split(key)``; resampling uses the second.
     """
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")

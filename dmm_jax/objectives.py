@@ -20,7 +20,8 @@ independent paths z_k ~ q and averages their weights inside the log:
     IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k | x)   >=   ELBO,
 
 tighter as K grows and equal to the (sampled) ELBO at K = 1. With annealing, each weight's
-latent terms carry the annealing factor as in the ELBO.
+latent terms carry the annealing factor as in the ELBO. The particle filter's bound (FIVO)
+resamples the draws along the way: ``dmm_jax.filtering``.
 """
 
 from __future__ import annotations
@@ -134,3 +135,26 @@ class ImportanceWeightedELBO(ELBO):
         )  # [K, B]
         bound = jax.scipy.special.logsumexp(weights, axis=0) - jnp.log(self.num_particles)
         return {"loss": -jnp.sum(bound), "mutable_state": None}
+
+
+class FilteringObjective(ELBO):
+    """The particle filter's bound (FIVO; ``dmm_jax.filtering``) of a family's
+    ``particle_filter(params, key, *args, num_particles, resampling, **kwargs)`` (with its
+    config bound); the loss is minus the bound summed over the mini-batch. The model and guide
+    SVI passes are not traced (they only name the parameters)."""
+
+    def __init__(self, particle_filter: Callable, num_particles: int, resampling: str):
+        super().__init__(num_particles=num_particles)
+        self.particle_filter, self.resampling = particle_filter, resampling
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        del model, guide
+        log_z, _ = self.particle_filter(
+            param_map,
+            rng_key,
+            *args,
+            num_particles=self.num_particles,
+            resampling=self.resampling,
+            **kwargs,
+        )
+        return {"loss": -jnp.sum(log_z), "mutable_state": None}

@@ -34,7 +34,7 @@ from dmm_jax.data.batching import (
     real_step_capacities,
 )
 from dmm_jax.models import family_of
-from dmm_jax.objectives import AnalyticKLTraceELBO, ImportanceWeightedELBO
+from dmm_jax.objectives import AnalyticKLTraceELBO, FilteringObjective, ImportanceWeightedELBO
 from dmm_jax.optim import clipped_adam
 from dmm_jax.runtime import compiler_options as default_compiler_options
 
@@ -53,8 +53,8 @@ class TrainState(NamedTuple):
 def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int = 1) -> SVI:
     """NumPyro SVI over the model/guide of ``model_config``'s family (``dmm_jax.models``) with
     ClippedAdam and Trace_ELBO (``kl="sampled"``), the closed-form-KL ELBO
-    (``kl="analytic"``) or the IWAE bound (``objective="iwae"``), over
-    ``train_config.particles`` draws. ``steps_per_epoch`` sets the length of a cosine
+    (``kl="analytic"``), the IWAE bound (``objective="iwae"``) or the particle filter's
+    (``objective="fivo"``), over ``train_config.particles`` draws. ``steps_per_epoch`` sets the length of a cosine
     learning-rate schedule (``fit`` passes the real number)."""
     if train_config.kl == "analytic" and getattr(model_config, "num_iafs", 0):
         raise ValueError(
@@ -66,12 +66,20 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
         functools.partial(family.model, config=model_config),
         functools.partial(family.guide, config=model_config),
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
-        training_objective(train_config),
+        training_objective(model_config, train_config),
     )
 
 
-def training_objective(train_config: TrainConfig):
+def training_objective(model_config: Any, train_config: TrainConfig):
     """The NumPyro loss object that ``train_config`` names."""
+    if train_config.objective == "fivo":
+        family = family_of(model_config)
+        if family.particle_filter is None:
+            raise ValueError(
+                f"objective 'fivo' needs a latent per step; the {family.name} family has none"
+            )
+        particle_filter = functools.partial(family.particle_filter, config=model_config)
+        return FilteringObjective(particle_filter, train_config.particles, train_config.resampling)
     if train_config.objective == "iwae":
         return ImportanceWeightedELBO(train_config.particles)
     if train_config.kl == "analytic":

@@ -37,6 +37,10 @@ class ModelFamily:
     -> {"z", "x", "emission"} for T new steps; ``emission_params(params, z, x, lengths,
     config)`` -> p(x_t | ...)'s parameters at every step given z; ``emission(config)`` -> the
     emission's kind (``dmm_jax.config.EMISSIONS``).
+
+    particle_filter: ``(params, key, x, lengths, annealing_factor, *, config, num_particles,
+    resampling, **covariates)`` -> (log p^(x) [B], particles), the filtering bound of a family
+    with a latent per step (``dmm_jax.filtering``), or None.
     """
 
     name: str
@@ -44,13 +48,23 @@ class ModelFamily:
     model: Callable
     guide: Callable
     generation: Any = None
+    particle_filter: Callable | None = None
 
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
-        ModelFamily("dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm.generation),
-        ModelFamily("vrnn", MODEL_CONFIGS["vrnn"], vrnn.model, vrnn.guide, vrnn.generation),
+        ModelFamily(
+            "dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm.generation, dmm.particle_filter
+        ),
+        ModelFamily(
+            "vrnn",
+            MODEL_CONFIGS["vrnn"],
+            vrnn.model,
+            vrnn.guide,
+            vrnn.generation,
+            vrnn.particle_filter,
+        ),
         ModelFamily("latent-ode", MODEL_CONFIGS["latent-ode"], latent_ode.model, latent_ode.guide),
     )
 }

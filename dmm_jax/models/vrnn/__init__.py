@@ -14,11 +14,13 @@ emission in one batched op. Shapes as in ``dmm_jax.models.common``; S is the RNN
 
 ``networks`` holds the Flax networks and the recurrence over them, ``model_guide`` the NumPyro model
 and guide (which register the shared networks, phi_x, phi_z and rnn, under the same names, so
-both use one set of parameters), ``generation`` the roll-outs used by ``dmm_jax.generate``.
+both use one set of parameters), ``generation`` the roll-outs used by ``dmm_jax.generate``,
+``filtering`` the particle filter (FIVO).
 The config, ``VRNNConfig``, lives in ``dmm_jax.config`` with the others (they load without JAX).
 """
 
 from dmm_jax.config import VRNNConfig
+from dmm_jax.models.vrnn.filtering import particle_filter
 from dmm_jax.models.vrnn.generation import emission, emission_params, roll_out, start, state_after
 from dmm_jax.models.vrnn.model_guide import VRNNPosterior, VRNNPrior, guide, model
 from dmm_jax.models.vrnn.networks import hidden_of, initial_state, modules, networks, run_rnn
@@ -35,6 +37,7 @@ __all__ = [
     "model",
     "modules",
     "networks",
+    "particle_filter",
     "roll_out",
     "run_rnn",
     "start",
