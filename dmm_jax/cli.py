@@ -261,12 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate best.msgpack (best validation bound, kept by early stopping)",
     )
     evaluate.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    evaluate.add_argument("--samples", type=int, default=1, help="guide draws per sequence")
+    evaluate.add_argument("--samples", type=int, default=1, help="guide draws (pf: particles) per sequence")
     evaluate.add_argument(
         "--estimator",
-        choices=("elbo", "is"),
+        choices=("elbo", "is", "pf"),
         default="elbo",
-        help="elbo: the bound (as the reference); is: also the importance-sampled NLL",
+        help="elbo: the bound (as the reference); is: also the importance-sampled NLL; pf: "
+        "also the particle filter's, with --samples particles (dmm, vrnn)",
+    )
+    evaluate.add_argument(
+        "--resampling",
+        choices=RESAMPLING,
+        default=_DEFAULT_TRAIN.resampling,
+        help="pf: how particles are resampled",
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=_DEFAULT_TRAIN.eval_batch_size)

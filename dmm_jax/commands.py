@@ -21,7 +21,7 @@ from dmm_jax.data import NUM_NOTES, load_dataset
 from dmm_jax.data.arrays import ArrayDataset, load_arrays
 from dmm_jax.data.batching import PaddedSequences
 from dmm_jax.data.irregular import periodic_arrays
-from dmm_jax.evaluate import evaluate_split
+from dmm_jax.evaluate import evaluate_split, particle_filter_split
 from dmm_jax.files import atomic_write_bytes
 from dmm_jax.generate import (
     forecast,
@@ -158,17 +158,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.checkpoint, best=args.best)
     dataset = _dataset("evaluate", args, run)
     split = dataset.split(args.split)
+    name = f"{args.checkpoint}: {args.split} split"
     result = evaluate_split(
         run.params,
         jax.random.PRNGKey(args.seed),
         split,
         run.model_config,
         num_samples=args.samples,
-        estimator=args.estimator,
+        estimator="elbo" if args.estimator == "pf" else args.estimator,
         batch_size=args.batch_size,
         mesh=mesh,
-        name=f"{args.checkpoint}: {args.split} split",
+        name=name,
     )
+    if args.estimator == "pf":
+        _require(mesh is None, "evaluate", "--estimator pf runs on one device")
+        try:
+            filtered = particle_filter_split(
+                run.params,
+                jax.random.PRNGKey(args.seed),
+                split,
+                run.model_config,
+                num_particles=args.samples,
+                resampling=args.resampling,
+                name=name,
+            )
+        except ValueError as err:
+            raise SystemExit(f"dmm-jax evaluate: {err}") from err
+        result = {**result, "estimator": "pf", **filtered}
     result = {
         "dataset": dataset.name,
         "split": args.split,

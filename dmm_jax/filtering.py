@@ -78,8 +78,10 @@ def particle_filter(
     num_particles: int,
     z_dim: int,
     resampling: str = "systematic",
-) -> tuple[Array, Array]:
-    """log p^(x) per sequence, [B], and each step's proposed particles z [T, B, K, Z].
+    keep_particles: bool = False,
+) -> tuple[Array, Array | None]:
+    """log p^(x) per sequence, [B], and each step's proposed particles z [T, B, K, Z] if
+    ``keep_particles`` (else None: nothing of size T x K is kept).
 
     ``carry``: the particles' state, leaves [B, K, ...]; ``inputs``: time-major leaves
     [T, B, ...] given to ``step`` one step at a time; ``mask`` [B, T]: real steps. Noise for
@@ -108,7 +110,7 @@ def particle_filter(
         ancestors = resample(jax.random.fold_in(resample_key, t), log_w, resampling)
         carry = _take_particles(carry, jax.lax.stop_gradient(ancestors), collapse)
         log_w = jnp.where(collapse[:, None], 0.0, log_w)
-        return (carry, log_w, log_z), z_t
+        return (carry, log_w, log_z), (z_t if keep_particles else None)
 
     start = (carry, jnp.zeros((batch, num_particles)), jnp.zeros(batch))
     per_step = (jnp.arange(num_steps), inputs, noise, mask.T)

@@ -84,7 +84,9 @@ def test_one_particle_is_the_elbo_of_its_own_draw(name, key):
     family = family_of(config)
     x, lengths = random_binary_batch(0, 3, 6, OBS, lengths=[6, 2, 4])
     log_z, z = jax.jit(
-        lambda p: family.particle_filter(p, key, x, lengths, 0.4, config=config, num_particles=1)
+        lambda p: family.particle_filter(
+            p, key, x, lengths, 0.4, config=config, num_particles=1, keep_particles=True
+        )
     )(params)
     path = jnp.swapaxes(z[:, :, 0], 0, 1)  # [B, T, Z]
     expected = _log_weight_at(family, params, path, x, lengths, config, 0.4)
@@ -157,3 +159,19 @@ def test_cli_trains_a_vrnn_by_fivo(tmp_path):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     run = load_run(run_dir)
     assert (run.train_config.objective, run.train_config.resampling) == ("fivo", "multinomial")
+
+
+def test_evaluate_by_the_particle_filter_from_the_cli(tmp_path, capsys):
+    data = write_tiny_chorales(
+        tmp_path / "tiny.json", {"train": [6, 5], "valid": [4], "test": [7, 3]}
+    )
+    run_dir = tmp_path / "run"
+    tiny = ["--z-dim", "2", "--emission-dim", "4", "--transition-dim", "4", "--rnn-dim", "4"]
+    train = ["train", "--data", str(data), *tiny, "--epochs", "1", "--checkpoint-dir", str(run_dir)]
+    assert main([*train, "--quiet"]) == 0
+    capsys.readouterr()
+    common = ["evaluate", "--checkpoint", str(run_dir), "--data", str(data), "--samples", "64"]
+    assert main([*common, "--estimator", "pf"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["num_particles"] == 64 and out["num_steps"] == 10
+    assert out["pf_nll_per_step"] < out["elbo_nll_per_step"]

@@ -40,9 +40,10 @@ def particle_filter(
     dt: Array | None = None,
     obs_mask: Array | None = None,
     steps=None,
-) -> tuple[Array, Array]:
-    """(log p^(x) [B], the proposed particles [T, B, K, Z]) for a padded batch, arguments as
-    the model's (``steps`` is accepted and not needed)."""
+    keep_particles: bool = False,
+) -> tuple[Array, Array | None]:
+    """(log p^(x) [B], the proposed particles [T, B, K, Z] if ``keep_particles``) for a padded
+    batch, arguments as the model's (``steps`` is accepted and not needed)."""
     del steps
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
@@ -84,4 +85,5 @@ def particle_filter(
         num_particles,
         config.z_dim,
         resampling,
+        keep_particles,
     )
