@@ -1,5 +1,6 @@
 """Seconds per JSB epoch: dmm_jax against the PyTorch/Pyro reference, in one run, and the
-VRNN beside the DMM (``--impls dmm_jax,vrnn``).
+VRNN, the NADE emission and the multi-sample objectives beside the DMM (``--impls
+dmm_jax,vrnn,dmm_nade,dmm_iwae4,dmm_fivo4,vrnn_fivo4``).
 
 Each implementation lives in its own worker process (so its threads, memory peak and compile
 cache are its own); the driver asks the workers for one epoch at a time, alternating between
@@ -13,6 +14,7 @@ measured in the same run (``floor_seconds``).
 
     python benchmarks/epoch_time.py --epochs 7 --out epoch_time.json
     python benchmarks/epoch_time.py --impls dmm_jax,dmm_jax_bucketed   # without the reference
+    python benchmarks/epoch_time.py --impls dmm_jax,dmm_nade,dmm_fivo4,vrnn,vrnn_fivo4
     python benchmarks/epoch_time.py --table-from epoch_time.json      # docs/PERFORMANCE.md's table
 
 On a GPU: `--reference-device cuda` runs the reference there too (its `--cuda`), and
@@ -36,9 +38,19 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed", "vrnn")
-# The DMM at the reference's settings; "vrnn" is the VRNN at its defaults, random batches.
-DMM_IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed")
+# dmm_jax's variants: (family, model config changes, train config changes) from the defaults
+# (the DMM at the reference's settings, the VRNN at its own), random batches unless bucketed.
+VARIANTS = {
+    "dmm_jax": ("dmm", {}, {}),
+    "dmm_jax_bucketed": ("dmm", {}, {"length_bucketing": True}),
+    "vrnn": ("vrnn", {}, {}),
+    "dmm_nade": ("dmm", {"emission": "nade"}, {}),
+    "dmm_iwae4": ("dmm", {}, {"objective": "iwae", "particles": 4}),
+    "dmm_fivo4": ("dmm", {}, {"objective": "fivo", "particles": 4}),
+    "vrnn_fivo4": ("vrnn", {}, {"objective": "fivo", "particles": 4}),
+}
+IMPLS = ("pyro_reference", *VARIANTS)
+DMM_IMPLS = ("pyro_reference", "dmm_jax", "dmm_jax_bucketed")  # the FLOP count is theirs
 HERE = Path(__file__).resolve().parent
 
 
@@ -137,7 +149,7 @@ def peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- workers
 
 
-def _jax_worker(args, bucketed: bool, vrnn: bool = False):
+def _jax_worker(args, impl: str):
     import jax
 
     if args.matmul_precision:
@@ -152,8 +164,9 @@ def _jax_worker(args, bucketed: bool, vrnn: bool = False):
     retain_freed_memory()  # as dmm-jax train does
     data = load_dataset("jsb_chorales", args.data)
     train = PaddedSequences(data.train.sequences)
-    model_config = VRNNConfig() if vrnn else DMMConfig()
-    train_config = TrainConfig(seed=args.seed, length_bucketing=bucketed)
+    family, model_changes, train_changes = VARIANTS[impl]
+    model_config = (VRNNConfig if family == "vrnn" else DMMConfig)(**model_changes)
+    train_config = TrainConfig(seed=args.seed, **train_changes)
     svi = build_svi(model_config, train_config)
     state = init_train_state(svi, train_config.seed, model_config.obs_dim)
     update = UpdateStep(svi)
@@ -209,8 +222,7 @@ def worker_main(args) -> None:
     if args.worker == "pyro_reference":
         info, run_epoch = _reference_worker(args)
     else:
-        bucketed = args.worker == "dmm_jax_bucketed"
-        info, run_epoch = _jax_worker(args, bucketed=bucketed, vrnn=args.worker == "vrnn")
+        info, run_epoch = _jax_worker(args, args.worker)
     print(json.dumps({"ready": True, **info}), flush=True)
     for line in sys.stdin:
         if line.strip() != "epoch":

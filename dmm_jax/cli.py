@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate best.msgpack (best validation bound, kept by early stopping)",
     )
     evaluate.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    evaluate.add_argument("--samples", type=int, default=1, help="guide draws (pf: particles) per sequence")
+    evaluate.add_argument(
+        "--samples", type=int, default=1, help="guide draws (pf: particles) per sequence"
+    )
     evaluate.add_argument(
         "--estimator",
         choices=("elbo", "is", "pf"),

@@ -35,6 +35,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import Distribution, constraints
 
 from dmm_jax.nn import Linear, uniform_init
+from dmm_jax.real_steps import per_real_step
 
 Array = jax.Array
 
@@ -106,13 +107,14 @@ def with_nade_weights(biases: tuple[Array, Array], weights: tuple[Array, Array])
 
 
 def emission_distribution(
-    kind: str, params: tuple[Array, ...], present: Array | None = None
+    kind: str, params: tuple[Array, ...], present: Array | None = None, steps=None
 ) -> Distribution:
-    """p(x_t | c_t) with event shape (X,) and batch shape the features' leading shape."""
+    """p(x_t | c_t) with event shape (X,) and batch shape the features' leading shape. With
+    ``steps`` (``dmm_jax.real_steps``) a NADE scores the batch's real steps only."""
     if kind == "gmm":
         return DiagonalGaussianMixture(*params, present=present)
     if kind == "nade":
-        return NADE(*params, present=present)
+        return NADE(*params, present=present, steps=steps)
     per_entry = dist.Bernoulli(logits=params[0]) if kind == "bernoulli" else dist.Normal(*params)
     if present is not None:
         per_entry = per_entry.mask(present)
@@ -194,19 +196,22 @@ class NADE(Distribution):
 
     ``hidden_bias`` [..., H] and ``visible_bias`` [..., X] per step; ``weights`` W [..., H, X]
     and ``readout`` V [..., X, H] broadcast against them (leading axes right-aligned).
-    ``log_prob`` scores all notes in one pass (an exclusive cumulative sum over notes gives
-    every h_d at once); ``sample`` draws note after note with a scan. With ``present``
+    ``log_prob`` scores all notes in one pass (an exclusive cumulative sum over notes, as one
+    matmul, gives every h_d at once); ``sample`` draws note after note with a scan. With ``present``
     [..., X], notes marked False are not scored; later notes still read them (as given, 0
-    where missing): the observed notes' conditionals, not their marginal.
+    where missing): the observed notes' conditionals, not their marginal. With ``steps`` (the
+    batch's real steps, ``dmm_jax.real_steps``; biases and values [B, T, ...]) ``log_prob``
+    runs on those rows only, padded steps scoring 0.
     """
 
     arg_constraints: ClassVar[dict] = {}
     support = constraints.independent(constraints.boolean, 1)
     reparametrized_params: ClassVar[list] = []
 
-    def __init__(self, hidden_bias, visible_bias, weights, readout, present=None):
+    def __init__(self, hidden_bias, visible_bias, weights, readout, present=None, steps=None):
         self.hidden_bias, self.visible_bias = hidden_bias, visible_bias
         self.weights, self.readout, self.present = weights, readout, present
+        self.steps = steps
         batch_shape = jnp.broadcast_shapes(
             hidden_bias.shape[:-1], visible_bias.shape[:-1], weights.shape[:-2], readout.shape[:-2]
         )
@@ -214,18 +219,20 @@ class NADE(Distribution):
 
     def conditional_logits(self, value: Array) -> Array:
         """logit p(x_d = 1 | x_<d) for every note d at ``value`` [..., X]: [..., X]."""
-        into_hidden = value[..., :, None] * jnp.swapaxes(self.weights, -1, -2)  # [..., X, H]
-        below = jnp.cumsum(into_hidden, axis=-2)
-        below = jnp.concatenate([jnp.zeros_like(below[..., :1, :]), below[..., :-1, :]], -2)
-        hidden = jax.nn.sigmoid(self.hidden_bias[..., None, :] + below)
-        return self.visible_bias + jnp.sum(hidden * self.readout, axis=-1)
+        return _nade_logits(self.hidden_bias, self.visible_bias, self.weights, self.readout, value)
 
     def log_prob(self, value: Array) -> Array:
-        logits = self.conditional_logits(value)
-        per_note = value * jax.nn.log_sigmoid(logits) + (1 - value) * jax.nn.log_sigmoid(-logits)
-        if self.present is not None:
-            per_note = jnp.where(self.present, per_note, 0.0)
-        return jnp.sum(per_note, axis=-1)
+        weights, readout = self.weights, self.readout
+        if self.steps is not None:  # rows [R, ...]: the shared weights without leading axes
+            weights, readout = (a.reshape(a.shape[-2:]) for a in (weights, readout))
+
+        def score(hidden_bias, visible_bias, value, present):
+            logits = _nade_logits(hidden_bias, visible_bias, weights, readout, value)
+            log_p = value * jax.nn.log_sigmoid(logits) + (1 - value) * jax.nn.log_sigmoid(-logits)
+            return jnp.sum(log_p if present is None else jnp.where(present, log_p, 0.0), axis=-1)
+
+        args = (self.hidden_bias, self.visible_bias, value, self.present)
+        return per_real_step(score, self.steps, *args)
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         shape = sample_shape + self.batch_shape
@@ -247,3 +254,18 @@ class NADE(Distribution):
         start = jnp.broadcast_to(self.hidden_bias, (*shape, self.hidden_bias.shape[-1]))
         _, notes = jax.lax.scan(note, start, per_note)
         return jnp.moveaxis(notes, 0, -1)
+
+
+def _nade_logits(hidden_bias, visible_bias, weights, readout, value: Array) -> Array:
+    """The NADE's logit p(x_d = 1 | x_<d) for every note d at ``value`` [..., X]."""
+    num_notes, hidden_units = value.shape[-1], hidden_bias.shape[-1]
+    # The exclusive cumulative sum over notes, sum_{j<d} x_j W[:, j] for every d, as one
+    # matmul with [j < d] W[:, j] laid out [X (j), X * H (d, h)]: on CPU 1.7x faster than
+    # jnp.cumsum over the [..., X, H] products (which XLA runs as a windowed reduction).
+    earlier = jnp.tril(jnp.ones((num_notes, num_notes), value.dtype), -1).T  # [j, d]: j < d
+    by_note = earlier[:, :, None] * jnp.swapaxes(weights, -1, -2)[..., :, None, :]
+    by_note = by_note.reshape(*by_note.shape[:-3], num_notes, num_notes * hidden_units)
+    below = (value[..., None, :] @ by_note)[..., 0, :]
+    below = below.reshape(*below.shape[:-1], num_notes, hidden_units)
+    hidden = jax.nn.sigmoid(hidden_bias[..., None, :] + below)
+    return visible_bias + jnp.sum(hidden * readout, axis=-1)

@@ -119,11 +119,14 @@ def model_networks(config: DMMConfig):
     return transition, emitter, weights, z_0
 
 
-def step_emission(config: DMMConfig, decoded, weights, present: Array) -> dist.Distribution:
+def step_emission(
+    config: DMMConfig, decoded, weights, present: Array, steps: RealSteps | None = None
+) -> dist.Distribution:
     """p(x_t | ...) with event shape (X,) from the emitter's output (and a NADE's weights);
-    entries not ``present`` are not scored."""
+    entries not ``present`` are not scored (a NADE on the real ``steps`` only, if given)."""
     if config.emission == "nade":
-        return emission_distribution("nade", with_nade_weights(decoded, weights), present)
+        params = with_nade_weights(decoded, weights)
+        return emission_distribution("nade", params, present, steps)
     if config.emission == "gaussian":
         per_entry = dist.Normal(*decoded)
     else:
@@ -175,7 +178,7 @@ def model(
         emission_in = with_extras(z, emission_extras(config, inputs, x_prev))
         fill = PADDING_FILL[config.emission]
         decoded = per_real_step(emitter, steps, emission_in, fill=fill)
-        per_step = step_emission(config, decoded, weights, present)
+        per_step = step_emission(config, decoded, weights, present, steps)
         numpyro.sample("x", per_step.mask(mask).to_event(1), obs=x)
     return z
 

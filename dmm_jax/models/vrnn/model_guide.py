@@ -201,7 +201,7 @@ def model(
             fill=PADDING_FILL[config.emission],
         )
         decoded = decoded_with_weights(nets, config, decoded)
-        emission = emission_distribution(config.emission, decoded, present)
+        emission = emission_distribution(config.emission, decoded, present, steps)
         numpyro.sample("x", emission.mask(mask).to_event(1), obs=x)
     return z
 
