@@ -4,12 +4,13 @@ the test split scored by the bound and by importance sampling (S draws per seque
 Writes ``quality_<dataset>_<config>_<machine>_<yyyy-mm>.json`` into ``--out-dir`` with the
 keys dataset, model, emission, objective, particles, split, bound_nll_per_step,
 is_nll_per_step, samples, epochs, wall_seconds, command, machine, date (and the per-epoch
-history, peak memory and package versions). Everything after ``--`` goes to ``dmm-jax train``:
+history, peak memory, package versions, and with ``--filter-particles K`` the particle
+filter's bound ``pf_nll_per_step``). Everything after ``--`` goes to ``dmm-jax train``:
 
     python benchmarks/quality.py --config dmm-aug-nade --epochs 1000 --samples 2000 \\
         -- --dataset jsb --augmented --emission nade
-    python benchmarks/quality.py --config vrnn-iwae4 --epochs 500 \\
-        -- --dataset jsb --model vrnn --objective iwae --particles 4
+    python benchmarks/quality.py --config vrnn-fivo4 --epochs 400 --best --filter-particles 4 \\
+        -- --dataset jsb --model vrnn --objective fivo --particles 4 --early-stopping-patience 1000
 
 The checkpoint directory (``--checkpoint-dir``, default a temporary one) lets a long run be
 continued with ``--resume``. Lower figures are better (nats per time step).
@@ -61,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=100, help="validation every K epochs")
     parser.add_argument("--samples", type=int, default=2000, help="IS draws per test sequence")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument(
+        "--best", action="store_true", help="score the best validation state (early stopping)"
+    )
+    parser.add_argument(
+        "--filter-particles",
+        type=int,
+        default=0,
+        help="also the particle filter's bound with this many particles (0: not)",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="keep the run here (resumable)")
     parser.add_argument("--resume", action="store_true", help="continue --checkpoint-dir")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
@@ -74,11 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--checkpoint-dir", str(checkpoint)] + (["--resume"] if args.resume else [])
         run = train_run(flags, Path(workdir) / "train.jsonl")
         evaluate = ["evaluate", "--checkpoint", str(checkpoint), "--split", args.split]
-        evaluate += ["--estimator", "is", "--samples", str(args.samples)]
         data = train_setting(train_flags, "data", None)
-        evaluate += ["--data", data] if data else []
-        peak, console = run_cli(evaluate)
+        evaluate += (["--data", data] if data else []) + (["--best"] if args.best else [])
+        peak, console = run_cli([*evaluate, "--estimator", "is", "--samples", str(args.samples)])
         scores = json.loads(console[console.index("{") :])
+        filtered = None
+        if args.filter_particles:
+            pf = ["--estimator", "pf", "--samples", str(args.filter_particles)]
+            _, console = run_cli([*evaluate, *pf])
+            filtered = json.loads(console[console.index("{") :])
     record = provenance("quality.py", argv)
     result = {
         "dataset": scores["dataset"],
@@ -91,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         "bound_nll_per_step": scores["elbo_nll_per_step"],
         "is_nll_per_step": scores["is_nll_per_step"],
         "samples": args.samples,
+        "pf_nll_per_step": None if filtered is None else filtered["pf_nll_per_step"],
+        "filter_particles": args.filter_particles or None,
+        "best_validation_state": args.best,
         "epochs": scores["epochs_trained"],
         "wall_seconds": time.time() - started,
         **record,

@@ -174,6 +174,7 @@ def test_quality_trains_scores_and_names_its_result_file(tmp_path, capsys):
     )
     tiny = ["--z-dim", "2", "--emission-dim", "4", "--transition-dim", "4", "--rnn-dim", "4"]
     argv = ["--config", "tiny-nade", "--epochs", "1", "--samples", "3", "--out-dir", str(tmp_path)]
+    argv += ["--filter-particles", "3"]
     argv += ["--", "--data", str(data), *tiny, "--emission", "nade", "--nade-hidden", "3"]
     assert quality.main(argv) == 0
     [path] = tmp_path.glob("quality_jsb_chorales_tiny-nade_cpu_*.json")
@@ -181,4 +182,5 @@ def test_quality_trains_scores_and_names_its_result_file(tmp_path, capsys):
     assert (result["model"], result["emission"], result["objective"]) == ("dmm", "nade", "elbo")
     assert result["epochs"] == 1 and result["samples"] == 3 and result["split"] == "test"
     assert result["is_nll_per_step"] <= result["bound_nll_per_step"]
+    assert result["pf_nll_per_step"] < result["bound_nll_per_step"]
     assert result["command"].startswith("python benchmarks/quality.py --config tiny-nade")
