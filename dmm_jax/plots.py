@@ -1,4 +1,5 @@
-"""Pictures: piano rolls, forecasts against the truth, training curves (matplotlib, Agg).
+"""Pictures: piano rolls, forecasts against the truth, series extrapolated in continuous time,
+training curves (matplotlib, Agg).
 
 Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through pyplot,
 so nothing here needs a display or touches global backend state. ``save_png`` writes
@@ -196,4 +197,49 @@ def posterior_figure(roll, mean, quantiles, dims: Sequence[int] = (0, 1, 2, 3)) 
     bottom.set_ylabel("latent (mean, band)")
     bottom.set_xlabel("time step (quarter note)")
     bottom.legend(loc="upper right", fontsize="small", ncols=len(dims))
+    return figure
+
+
+def series_forecast_figure(
+    observed_t,
+    observed_x,
+    truth_t,
+    truth_x,
+    grid,
+    draws,
+    title: str | None = None,
+    split_time: float | None = None,
+) -> Figure:
+    """One real-valued series: the points the model saw, the true points, and the model's
+    mean with a band from the 5th to the 95th percentile over its draws, for each dimension
+    (up to 4).
+
+    ``observed_t`` [K] / ``observed_x`` [K, D], ``truth_t`` [M] / ``truth_x`` [M, D] (NaN:
+    not observed), ``grid`` [G] and ``draws`` [S, G, D] (``extrapolate``'s, one series);
+    ``split_time``, if given, is marked where the observed part ends.
+    """
+    draws = np.asarray(draws, np.float64)
+    grid, truth_x, observed_x = np.asarray(grid), np.asarray(truth_x), np.asarray(observed_x)
+    if draws.ndim != 3 or draws.shape[1] != len(grid) or draws.shape[2] != truth_x.shape[-1]:
+        raise ValueError(
+            f"draws must be [S, G, D] with G = {len(grid)} grid times and D = "
+            f"{truth_x.shape[-1]} dims, got {draws.shape}"
+        )
+    dims = min(draws.shape[2], 4)
+    figure = _new_figure(8.0, 2.4 * dims)
+    axes = np.atleast_1d(figure.subplots(dims, 1, sharex=True, squeeze=False)[:, 0])
+    low, high = np.percentile(draws, [5, 95], axis=0)
+    for d, ax in enumerate(axes):
+        (line,) = ax.plot(grid, draws[:, :, d].mean(0), label="model mean")
+        ax.fill_between(grid, low[:, d], high[:, d], alpha=0.25, color=line.get_color(),
+                        label="5-95% of draws")  # fmt: skip
+        ax.plot(truth_t, truth_x[:, d], ".", color="0.5", markersize=3, label="truth")
+        ax.plot(observed_t, observed_x[:, d], "o", color="black", markersize=4, label="observed")
+        if split_time is not None:
+            ax.axvline(split_time, color="0.3", linestyle="--", linewidth=1)
+        ax.set_ylabel(f"x[{d}]")
+    axes[0].legend(loc="best", fontsize="small", ncols=2)
+    axes[-1].set_xlabel("time")
+    if title:
+        axes[0].set_title(title)
     return figure

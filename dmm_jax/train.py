@@ -37,7 +37,7 @@ from dmm_jax.checkpoint import (
     restore_state,
     save_checkpoint,
 )
-from dmm_jax.config import DMMConfig, TrainConfig
+from dmm_jax.config import BINARY_EMISSIONS, DMMConfig, TrainConfig
 from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import (
     PaddedSequences,
@@ -46,6 +46,7 @@ from dmm_jax.data.batching import (
 )
 from dmm_jax.data.splits import Batchable, as_batchable
 from dmm_jax.evaluate import evaluate_split
+from dmm_jax.models import family_of
 from dmm_jax.models.common import example_covariates
 from dmm_jax.optim import annealing_factor
 from dmm_jax.real_steps import grouped_real_steps, real_steps
@@ -144,10 +145,12 @@ class TrainResult(NamedTuple):
 def _batchable(split: Any, name: str, config: Any) -> Batchable:
     """The split as padded batches (``dmm_jax.data.splits``), checked against the config."""
     data = as_batchable(split, name)
-    if config.emission == "bernoulli" and isinstance(data, SequenceArrays):
+    if config.emission in BINARY_EMISSIONS and isinstance(data, SequenceArrays):
         x = data.x[~np.isnan(data.x)]
         if np.any((x != 0) & (x != 1)):
-            raise ValueError(f"{name} data holds values other than 0/1; the emission is bernoulli")
+            raise ValueError(
+                f"{name} data holds values other than 0/1; the emission is {config.emission}"
+            )
     obs_dim = data.padded_shape(np.arange(1), 1)[-1]
     if obs_dim != config.obs_dim:
         raise ValueError(
@@ -339,6 +342,11 @@ def fit(
                         record[f"{name}_error"] = str(err)
                         continue
                     record[f"{name}_loss_per_step"] = result["loss_per_step"]
+                    metrics = family_of(model_config).split_metrics
+                    if metrics is not None:
+                        key = jax.random.fold_in(state.eval_key, epoch)
+                        extra = metrics(params, key, model_config, data)
+                        record.update({f"{name}_{k}": v for k, v in extra.items()})
             improved = patience > 0 and stopper.update(record)
             if stopper.stopped:
                 record["early_stopped"] = True
@@ -375,6 +383,8 @@ def _format_record(record: dict[str, Any]) -> str:
     for name in ("val", "test"):
         if f"{name}_loss_per_step" in record:
             line += f"  {name} {record[f'{name}_loss_per_step']:.4f}"
+        if f"{name}_mse" in record:
+            line += f" (MSE {record[f'{name}_mse']:.4g})"
     for name in ("val", "test"):
         if f"{name}_error" in record:
             line += f"  ({record[f'{name}_error']})"

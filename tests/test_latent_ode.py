@@ -2,6 +2,7 @@
 recomputed with one solve per time point and a Python loop over them."""
 
 import dataclasses
+import pathlib
 
 import diffrax
 import flax.linen as nn
@@ -204,9 +205,31 @@ def test_an_irregular_npz_trains_and_evaluates_from_the_command_line(tmp_path, c
     ckpt = tmp_path / "run"
     args = ["train", "--model", "latent-ode", "--data", str(data), "--epochs", "2"]
     args += ["--z-dim", "2", "--rnn-dim", "3", "--units", "4", "--batch-size", "4"]
-    assert main([*args, "--checkpoint-dir", str(ckpt), "--no-progress", "--quiet"]) == 0
+    log = tmp_path / "log.jsonl"
+    args += ["--checkpoint-dir", str(ckpt), "--log-json", str(log)]
+    assert main([*args, "--no-progress", "--quiet"]) == 0
+    last = json.loads(log.read_text().splitlines()[-1])  # evaluated at the end: MSE logged
+    assert np.isfinite(last["test_mse"]) and np.isfinite(last["val_mse"])
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(ckpt), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out)
     # 8 series: 6 train, 1 valid, 1 test (file order), every figure finite
     assert result["num_sequences"] == 1 and np.isfinite(result["elbo_nll_per_step"])
+    # forecast: the test series observed before the midpoint of its times, predicted after it
+    assert (
+        main(["forecast", "--checkpoint", str(ckpt), "--samples", "2", "--png", str(tmp_path)]) == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "extrapolate" and out["num_series"] == 1
+    from dmm_jax.data.irregular import split_observed_targets
+    from dmm_jax.models.latent_ode.prediction import task_mse
+    from dmm_jax.train import load_run
+
+    run = load_run(ckpt)
+    test = series.subset([7])
+    task = split_observed_targets(test, "extrapolate")
+    expected = task_mse(run.params, jax.random.PRNGKey(0), run.model_config, task, 2)
+    assert out["num_targets"] == int(task.targets.mask.sum()) > 0
+    np.testing.assert_allclose(out["test_mse"], expected, rtol=1e-5)
+    [png] = out["png"]
+    assert pathlib.Path(png).read_bytes().startswith(b"\x89PNG")

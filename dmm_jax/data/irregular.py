@@ -337,6 +337,17 @@ def as_sequence_arrays(series: IrregularSeries, source: str = "irregular series"
     return SequenceArrays(series.x, series.lengths, dt=dt.astype(np.float32), source=source)
 
 
+def series_from_arrays(arrays) -> IrregularSeries:
+    """The inverse of :func:`as_sequence_arrays`: times t = cumsum(dt) (dt[:, 0] = t_0) of a
+    ``SequenceArrays`` with ``dt``; without ``dt`` the steps are at 0, 1, 2, ..."""
+    x, lengths = np.asarray(arrays.x), np.asarray(arrays.lengths)
+    if arrays.dt is None:
+        t = np.broadcast_to(np.arange(x.shape[1], dtype=np.float64), x.shape[:2])
+    else:
+        t = np.cumsum(np.asarray(arrays.dt, np.float64), axis=1)
+    return IrregularSeries(t, x, lengths)
+
+
 def series_dataset(series: IrregularSeries, name: str, source: str):
     """An :class:`dmm_jax.data.arrays.ArrayDataset` of one set of series, split in file order:
     the first 80% train, the next 10% valid, the last 10% test (each at least one series)."""

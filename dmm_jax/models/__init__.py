@@ -5,7 +5,8 @@ same signature, ``(x [B, T, X], lengths [B], annealing_factor, *, config, inputs
 obs_mask, steps)``, whose one latent site "z" holds each sequence's latents (its trajectory
 [T, Z], or the Latent ODE's z_0 [Z]); so training (``dmm_jax.train``), evaluation
 (``dmm_jax.evaluate``) and checkpoints take any of them. Generation (``dmm_jax.generate``)
-goes through each family's ``generation`` hooks (the Latent ODE has none yet).
+goes through each family's ``generation`` hooks (the Latent ODE has none yet; it forecasts
+real-valued series through its ``extrapolate`` hook).
 
     family      subpackage                        paper
     dmm         ``dmm_jax.models.dmm``            Krishnan, Shalit & Sontag, AAAI 2017
@@ -41,6 +42,13 @@ class ModelFamily:
     particle_filter: ``(params, key, x, lengths, annealing_factor, *, config, num_particles,
     resampling, **covariates)`` -> (log p^(x) [B], particles), the filtering bound of a family
     with a latent per step (``dmm_jax.filtering``), or None.
+
+    extrapolate: ``(params, key, config, series, samples)`` -> {"test_mse", "task", "grid",
+    "draws"}, the continuous-time forecast of real-valued series
+    (``dmm_jax.models.latent_ode.prediction.extrapolate``), or None.
+
+    split_metrics: ``(params, key, config, split) -> {name: value}``, figures that ``fit`` adds
+    to each evaluation of a split as ``<split>_<name>`` (the Latent ODE's ``mse``), or None.
     """
 
     name: str
@@ -49,6 +57,8 @@ class ModelFamily:
     guide: Callable
     generation: Any = None
     particle_filter: Callable | None = None
+    extrapolate: Callable | None = None
+    split_metrics: Callable | None = None
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -65,7 +75,14 @@ FAMILIES: dict[str, ModelFamily] = {
             vrnn.generation,
             vrnn.particle_filter,
         ),
-        ModelFamily("latent-ode", MODEL_CONFIGS["latent-ode"], latent_ode.model, latent_ode.guide),
+        ModelFamily(
+            "latent-ode",
+            MODEL_CONFIGS["latent-ode"],
+            latent_ode.model,
+            latent_ode.guide,
+            extrapolate=latent_ode.extrapolate,
+            split_metrics=lambda *args: {"mse": latent_ode.split_mse(*args)},
+        ),
     )
 }
 

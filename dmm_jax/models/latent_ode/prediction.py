@@ -18,7 +18,13 @@ import numpy as np
 from numpyro import handlers
 
 from dmm_jax.config import LatentODEConfig
-from dmm_jax.data.irregular import IrregularTask, as_sequence_arrays
+from dmm_jax.data.irregular import (
+    IrregularSeries,
+    IrregularTask,
+    as_sequence_arrays,
+    series_from_arrays,
+    split_observed_targets,
+)
 from dmm_jax.models.latent_ode.model_guide import guide
 from dmm_jax.models.latent_ode.networks import decoder, ode_function, solve
 
@@ -83,3 +89,45 @@ def task_mse(
     mask = targets.mask
     error = (np.asarray(prediction) - np.nan_to_num(targets.x)[None]) ** 2
     return float(np.where(mask[None], error, 0.0).sum() / (samples * mask.sum()))
+
+
+def extrapolate(
+    params: dict,
+    key: Array,
+    config: LatentODEConfig,
+    series: IrregularSeries,
+    samples: int = 3,
+    grid_points: int = 200,
+) -> dict:
+    """The extrapolation task on ``series``: observe each series' points before the midpoint
+    of its time range, predict those after it (``split_observed_targets``).
+
+    Returns ``test_mse`` (``task_mse``, over the points after the midpoints), the ``task``,
+    and for pictures ``grid`` [N, G] (G = ``grid_points`` evenly spaced times over each
+    series' range) with ``draws`` [S, N, G, D], the decoder's mean along the path of each of
+    S draws of z_0 given the observed half.
+    """
+    task = split_observed_targets(series, "extrapolate")
+    mse = task_mse(params, key, config, task, samples)
+    observed = as_sequence_arrays(task.observed)
+    last = series.t[np.arange(series.num_series), series.lengths - 1]
+    grid = np.linspace(series.t[:, 0], last, grid_points, axis=1).astype(np.float32)
+    draws = predict(
+        params,
+        key,
+        config,
+        jnp.asarray(observed.x),
+        jnp.asarray(observed.lengths),
+        jnp.asarray(observed.dt),
+        jnp.asarray(grid),
+        samples,
+    )
+    return {"test_mse": mse, "task": task, "grid": grid, "draws": np.asarray(draws)}
+
+
+def split_mse(params: dict, key: Array, config: LatentODEConfig, arrays, samples: int = 3) -> float:
+    """The interpolation MSE of a split of padded arrays (``SequenceArrays`` with ``dt``): the
+    decoder's mean at every observed point given all of the split's observed points
+    (``task_mse`` of the "interpolate" task). What ``fit`` logs as ``<split>_mse``."""
+    task = split_observed_targets(series_from_arrays(arrays), "interpolate")
+    return task_mse(params, key, config, task, samples)
