@@ -34,6 +34,13 @@ from dmm_jax.distributions import step_noise
 Array = jax.Array
 
 
+def per_particle(a: Array | None, num_particles: int) -> Array | None:
+    """[B, ...] -> [B, K, ...], the same for every particle (None stays None)."""
+    if a is None:
+        return None
+    return jnp.broadcast_to(a[:, None], (a.shape[0], num_particles, *a.shape[1:]))
+
+
 def effective_sample_size(log_weights: Array) -> Array:
     """1 / sum_k w_k^2 of the normalised weights, per row of log_weights [B, K]: [B]."""
     lse = jax.scipy.special.logsumexp

@@ -10,6 +10,8 @@ paper's FIVO proposals. Flows (``num_iafs``) are not supported.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from numpyro import handlers
@@ -17,6 +19,7 @@ from numpyro import handlers
 from dmm_jax.config import DMMConfig
 from dmm_jax.distributions import normal_log_prob, standardized_normal_log_prob
 from dmm_jax.filtering import particle_filter as run_particle_filter
+from dmm_jax.filtering import per_particle
 from dmm_jax.models.common import (
     observed_entries,
     previous_observations,
@@ -72,10 +75,7 @@ def particle_filter(
         nets = guide_networks(config)
         hidden = guide_conditioning(nets, config, encoder_in, mask)
 
-    def particles(a: Array | None) -> Array | None:  # [B, ...] -> [B, K, ...]
-        if a is None:
-            return None
-        return jnp.broadcast_to(a[:, None], (a.shape[0], num_particles, *a.shape[1:]))
+    particles = functools.partial(per_particle, num_particles=num_particles)
 
     def step(carry, inputs_t, noise_t):
         z_prev_model, z_prev_guide = carry

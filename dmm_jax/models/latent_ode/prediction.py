@@ -66,6 +66,21 @@ def predict(
     return jax.vmap(lambda z: decode_path(params, config, z, query_times))(z0)
 
 
+def predict_series(
+    params: dict,
+    key: Array,
+    config: LatentODEConfig,
+    observed: IrregularSeries,
+    query_times: np.ndarray,
+    samples: int,
+) -> np.ndarray:
+    """``predict`` given the ``observed`` series: means [S, N, T_q, D] at ``query_times``
+    [N, T_q] (whose first column is each series' start time)."""
+    arrays = as_sequence_arrays(observed)
+    inputs = (arrays.x, arrays.lengths, arrays.dt, query_times)
+    return np.asarray(predict(params, key, config, *(jnp.asarray(a) for a in inputs), samples))
+
+
 def task_mse(
     params: dict, key: Array, config: LatentODEConfig, task: IrregularTask, samples: int = 3
 ) -> float:
@@ -73,19 +88,10 @@ def task_mse(
     averaged over ``samples`` draws of z_0 as the paper's reference code averages it: the
     guide reads ``task.observed``; the targets are ``task.targets`` (every point of the series
     for interpolation, the second half for extrapolation)."""
-    observed, targets = as_sequence_arrays(task.observed), task.targets
+    targets = task.targets
     start = task.observed.t[:, :1]  # solve from each series' first time
     query = np.concatenate([start, targets.t], axis=1)
-    prediction = predict(
-        params,
-        key,
-        config,
-        jnp.asarray(observed.x),
-        jnp.asarray(observed.lengths),
-        jnp.asarray(observed.dt),
-        jnp.asarray(query),
-        samples,
-    )[:, :, 1:]
+    prediction = predict_series(params, key, config, task.observed, query, samples)[:, :, 1:]
     mask = targets.mask
     error = (np.asarray(prediction) - np.nan_to_num(targets.x)[None]) ** 2
     return float(np.where(mask[None], error, 0.0).sum() / (samples * mask.sum()))
@@ -109,20 +115,10 @@ def extrapolate(
     """
     task = split_observed_targets(series, "extrapolate")
     mse = task_mse(params, key, config, task, samples)
-    observed = as_sequence_arrays(task.observed)
     last = series.t[np.arange(series.num_series), series.lengths - 1]
     grid = np.linspace(series.t[:, 0], last, grid_points, axis=1).astype(np.float32)
-    draws = predict(
-        params,
-        key,
-        config,
-        jnp.asarray(observed.x),
-        jnp.asarray(observed.lengths),
-        jnp.asarray(observed.dt),
-        jnp.asarray(grid),
-        samples,
-    )
-    return {"test_mse": mse, "task": task, "grid": grid, "draws": np.asarray(draws)}
+    draws = predict_series(params, key, config, task.observed, grid, samples)
+    return {"test_mse": mse, "task": task, "grid": grid, "draws": draws}
 
 
 def split_mse(params: dict, key: Array, config: LatentODEConfig, arrays, samples: int = 3) -> float:

@@ -4,6 +4,8 @@ p(x_t | phi_z(z_t), h_{t-1}) weigh, and each particle carries its own RNN state.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from numpyro import handlers
@@ -12,6 +14,7 @@ from dmm_jax.config import VRNNConfig
 from dmm_jax.distributions import normal_log_prob, standardized_normal_log_prob
 from dmm_jax.emissions import emission_distribution
 from dmm_jax.filtering import particle_filter as run_particle_filter
+from dmm_jax.filtering import per_particle
 from dmm_jax.models.common import observed_entries, sequence_mask, transition_covariates
 from dmm_jax.models.vrnn.model_guide import register
 from dmm_jax.models.vrnn.networks import (
@@ -53,10 +56,7 @@ def particle_filter(
         nets = register(config, names)
     features_x = nets["phi_x"](x)
 
-    def particles(a: Array | None) -> Array | None:  # [B, ...] -> [B, K, ...]
-        if a is None:
-            return None
-        return jnp.broadcast_to(a[:, None], (a.shape[0], num_particles, *a.shape[1:]))
+    particles = functools.partial(per_particle, num_particles=num_particles)
 
     def step(state, inputs_t, noise_t):
         features_x_t, x_t, present_t, c_t = (particles(a) for a in inputs_t)
