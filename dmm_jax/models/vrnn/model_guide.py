@@ -45,8 +45,7 @@ def register(config: VRNNConfig, names: tuple[str, ...]) -> dict[str, Any]:
     available = modules(config)
     if config.standard_prior:
         names = tuple(n for n in names if n != "prior")
-    if config.emission != "nade":
-        names = tuple(n for n in names if n != "nade")
+    names = tuple(n for n in names if n in available)  # "nade" with that emission only
     return {n: flax_module(n, available[n][0], *available[n][1]) for n in names}
 
 

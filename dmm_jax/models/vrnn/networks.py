@@ -136,7 +136,7 @@ def modules(config: VRNNConfig) -> dict[str, tuple[nn.Module, tuple]]:
     """Every network with the example inputs it is initialised with: one place for names."""
     c = config
     zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
-    return {
+    nets = {
         "phi_x": (MLP((c.feature_dim, c.feature_dim)), (zeros((1, c.obs_dim)),)),
         "phi_z": (MLP((c.feature_dim,)), (zeros((1, c.z_dim)),)),
         "rnn": (
@@ -149,9 +149,10 @@ def modules(config: VRNNConfig) -> dict[str, tuple[nn.Module, tuple]]:
             (zeros((1, c.feature_dim + c.state_dim)),),
         ),
         "decoder": (Decoder(c), (zeros((1, c.feature_dim + c.state_dim)),)),
-        # A NADE emission's weights, shared by all steps (registered only with that emission).
-        "nade": (NADEWeights(c.obs_dim, c.nade_hidden), ()),
     }
+    if c.emission == "nade":  # the NADE's weights, shared by all steps
+        nets["nade"] = (NADEWeights(c.obs_dim, c.nade_hidden), ())
+    return nets
 
 
 def decoded_with_weights(nets: dict, config: VRNNConfig, decoded: tuple) -> tuple:
