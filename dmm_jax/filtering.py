@@ -51,11 +51,13 @@ def resample(key: Array, log_weights: Array, scheme: str) -> Array:
     """Ancestor indices [B, K], each row drawn in proportion to exp(log_weights[b]).
 
     systematic: one uniform per row, points (u + k) / K through the cumulative weights (lower
-    variance); multinomial: K independent draws per row.
+    variance); multinomial: K independent draws per row. A row's draws depend on its index
+    only, not on the batch's size, so padding or sharding a batch leaves them unchanged.
     """
     batch, num = log_weights.shape
-    if scheme == "multinomial":
-        return jax.random.categorical(key, log_weights, axis=-1, shape=(num, batch)).T
+    if scheme == "multinomial":  # Gumbel-max per draw: row b's noise depends on b alone
+        gumbel = jax.random.gumbel(key, (batch, num, num))
+        return jnp.argmax(log_weights[:, None, :] + gumbel, axis=-1)
     if scheme != "systematic":
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {scheme!r}")
     points = (jax.random.uniform(key, (batch, 1)) + jnp.arange(num)) / num

@@ -82,12 +82,19 @@ def short_fit(mesh) -> dict:
     }
 
 
-def one_update(batch: int, mesh) -> dict:
+# The multi-sample objectives, one update each on 1 and 4 devices.
+OBJECTIVES = {
+    "iwae": {"objective": "iwae", "particles": 3},
+    "fivo": {"objective": "fivo", "particles": 3, "resampling": "multinomial"},
+}
+
+
+def one_update(batch: int, mesh, **objective) -> dict:
     from dmm_jax.config import DMMConfig, TrainConfig
     from dmm_jax.train import UpdateStep, build_svi, init_train_state
 
     config = DMMConfig(**TINY)
-    svi = build_svi(config, TrainConfig(learning_rate=1e-2))
+    svi = build_svi(config, TrainConfig(learning_rate=1e-2, **objective))
     state = init_train_state(svi, 0, config.obs_dim).svi_state
     sequences = binary_sequences(batch, batch)
     lengths = np.array([len(s) for s in sequences], np.int32)
@@ -163,6 +170,13 @@ def main(argv: list[str]) -> None:
         results = {
             "device_count": jax.device_count(),
             "update_22": {"one": one_update(22, None), "mesh": one_update(22, data_mesh(4))},
+            **{
+                f"update_22_{name}": {
+                    "one": one_update(22, None, **objective),
+                    "mesh": one_update(22, data_mesh(4), **objective),
+                }
+                for name, objective in OBJECTIVES.items()
+            },
             "padding": padding_rows(),
         }
     elif mode == "single":

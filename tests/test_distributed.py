@@ -99,6 +99,14 @@ def test_one_update_on_4_devices_equals_one_device_for_a_batch_of_22(runs):
     _assert_params_close(mesh["params"], one["params"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("objective", ["iwae", "fivo"])
+def test_multi_sample_objectives_update_alike_on_4_devices_and_one(runs, objective):
+    one, mesh = (runs["update"][f"update_22_{objective}"][k] for k in ("one", "mesh"))
+    assert mesh["shapes"] == [[24, 16, 6, 0]]
+    assert np.isfinite(one["loss"]) and mesh["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    _assert_params_close(mesh["params"], one["params"], rtol=1e-5, atol=1e-7)
+
+
 def test_two_processes_of_2_devices_agree_with_one_device_in_training_and_evaluation(runs):
     """Two epochs of fit (batches of 8, the last holding 6) with a validation evaluation, then
     the importance-sampled estimator over 9 sequences in batches of 8 (padded, sharded)."""
