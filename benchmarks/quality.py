@@ -31,6 +31,9 @@ sys.path.insert(0, str(HERE))
 from epoch_time import provenance
 from robustness import run_cli, train_run
 
+# File-name tags of the data sets (the --dataset names): a result file is never mistaken for data.
+DATASET_TAGS = {"jsb_chorales": "jsb"}
+
 
 def machine_tag(cpu_model: str) -> str:
     """A short file-name tag for the CPU: 'AMD EPYC 7B13' -> 'cpu_epyc'."""
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     month = record["date"][:7]
     machine = machine_tag(record["machine"]["cpu_model"])
-    out = Path(args.out_dir) / f"quality_{result['dataset']}_{args.config}_{machine}_{month}.json"
+    short = DATASET_TAGS.get(result["dataset"], result["dataset"])
+    out = Path(args.out_dir) / f"quality_{short}_{args.config}_{machine}_{month}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".json.partial")
     partial.write_text(json.dumps(result, indent=1) + "\n")

@@ -177,7 +177,7 @@ def test_quality_trains_scores_and_names_its_result_file(tmp_path, capsys):
     argv += ["--filter-particles", "3"]
     argv += ["--", "--data", str(data), *tiny, "--emission", "nade", "--nade-hidden", "3"]
     assert quality.main(argv) == 0
-    [path] = tmp_path.glob("quality_jsb_chorales_tiny-nade_cpu_*.json")
+    [path] = tmp_path.glob("quality_jsb_tiny-nade_cpu_*.json")
     result = json.loads(path.read_text())
     assert (result["model"], result["emission"], result["objective"]) == ("dmm", "nade", "elbo")
     assert result["epochs"] == 1 and result["samples"] == 3 and result["split"] == "test"
