@@ -19,7 +19,7 @@ EMISSION_SCALES = ("learned", "predicted", "fixed")
 EMISSIONS = ("bernoulli", "gaussian", "gmm", "nade")  # dmm_jax.emissions
 BINARY_EMISSIONS = ("bernoulli", "nade")  # over 0/1 notes (piano rolls)
 VRNN_CELLS = ("gru", "lstm")
-NUMERICS = ("stable", "reference")
+NUMERICS = ("stable", "soft", "reference")
 LATENT_ODE_ENCODERS = ("ode-rnn", "rnn")
 
 # The paper's inference networks (Krishnan et al. 2017, Table 1): structured (ST, conditioned on
@@ -50,7 +50,7 @@ class DMMConfig:
     numerics: str = option(
         "stable",
         "stable: the rnn cell's ReLU state is capped at 4 (docs/reliability.md); "
-        "reference: the reference's unbounded ReLU cell",
+        "soft: capped softly (logarithmic above 4); reference: the reference's unbounded ReLU",
     )
     # Hand-written backward passes for the two recurrences (same values and gradients as
     # autodiff, faster); False falls back to autodiff of plain scans.
@@ -130,7 +130,9 @@ class DMMConfig:
         """The "rnn" cell's nonlinearity: a ReLU state can grow without bound over long
         sequences (inf, then NaN, in float32); a capped one stays in [0, 4]
         (``dmm_jax.scans.RELU_CAP``) and is the ReLU wherever no state reaches the cap."""
-        return "relu" if self.numerics == "reference" else "capped-relu"
+        return {"reference": "relu", "stable": "capped-relu", "soft": "soft-capped-relu"}[
+            self.numerics
+        ]
 
     @property
     def covariate_dim(self) -> int:

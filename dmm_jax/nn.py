@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dmm_jax.config import RNN_CELLS
 from dmm_jax.real_steps import RealSteps, gather_rows, scatter_rows
-from dmm_jax.scans import RELU_CAP, active_steps, combiner_scan, reverse_elman_scan
+from dmm_jax.scans import active_steps, combiner_scan, elman_activation, reverse_elman_scan
 
 Array = jax.Array
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], Array]
@@ -297,7 +297,8 @@ class BackwardEncoder(nn.Module):
     L starts from the learnable h_0 at its own last step L-1, and padded steps (t >= L) leave
     the state at h_0. The input projection x W_ih + b for all steps is one batched matmul
     hoisted out of the scan; only h W_hh runs step by step. Cells follow PyTorch's equations
-    ("rnn": Elman, with ``activation`` "relu" as the reference's, "capped-relu" or "tanh";
+    ("rnn": Elman, with ``activation`` "relu" as the reference's, "capped-relu",
+    "soft-capped-relu" or "tanh";
     "gru", "lstm").
     The "rnn" cell uses the hand-written backward pass of
     ``dmm_jax.scans.reverse_elman_scan`` unless ``custom_vjp`` is False. Steps after the
@@ -412,10 +413,7 @@ class GaussianHead(nn.Module):
 
 
 def elman_step(h, xp, w_hh, b_hh, activation="relu"):
-    pre = xp + h @ w_hh + b_hh
-    if activation == "capped-relu":
-        return jnp.clip(pre, 0.0, RELU_CAP)
-    return nn.relu(pre) if activation == "relu" else jnp.tanh(pre)
+    return elman_activation(activation)(xp + h @ w_hh + b_hh)
 
 
 def gru_step(h, xp, w_hh, b_hh):

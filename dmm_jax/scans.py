@@ -65,7 +65,7 @@ def _outer_sum(a: Array, b: Array, rows: Array | None = None) -> Array:
 
 # ----------------------------------------------------------------------------- Elman RNN
 
-ELMAN_ACTIVATIONS = ("relu", "capped-relu", "tanh")
+ELMAN_ACTIVATIONS = ("relu", "capped-relu", "soft-capped-relu", "tanh")
 # The cap of "capped-relu": above the states of healthy training after its first epochs (on
 # JSB about 1.5 at most, the 99.9th percentile under 1); below it, the reference's ReLU exactly.
 RELU_CAP = 4.0
@@ -96,7 +96,9 @@ def reverse_elman_scan(
             True (out-of-range filler allowed); W_hh's gradient is then summed over them only.
         activation: "relu" (the reference's; the state is unbounded and can grow without
             limit over long sequences), "capped-relu" (min(relu(.), RELU_CAP): the same until a
-            state reaches the cap) or "tanh" (the state stays in [-1, 1]).
+            state reaches the cap), "soft-capped-relu" (``soft_capped_relu``: the same below
+            the cap, logarithmic above it, so no unit loses its gradient) or "tanh" (the
+            state stays in [-1, 1]).
 
     Returns:
         states h_t [T, B, H], in time order.
@@ -104,16 +106,31 @@ def reverse_elman_scan(
     return _elman_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows, activation)[0]
 
 
-def _activation(name: str):
+def soft_capped_relu(v: Array) -> Array:
+    """relu(v) up to RELU_CAP, RELU_CAP + log(1 + v - RELU_CAP) above it.
+
+    Its slope above the cap, 1 / (1 + v - cap) = exp(cap - h), never reaches zero (a hard
+    cap's is zero, so a unit held there stops learning), and the state still cannot grow
+    without bound: h_t ~ cap + log(|W| h_{t+1}) has a finite fixed point for any weights.
+    """
+    excess = jnp.maximum(v - RELU_CAP, 0.0)
+    return jnp.where(v > RELU_CAP, RELU_CAP + jnp.log1p(excess), jax.nn.relu(v))
+
+
+def elman_activation(name: str):
+    """The Elman cell's nonlinearity called ``name`` (one of ``ELMAN_ACTIVATIONS``)."""
     if name not in ELMAN_ACTIVATIONS:
         raise ValueError(f"activation must be one of {ELMAN_ACTIVATIONS}, got {name!r}")
-    if name == "capped-relu":
-        return lambda v: jnp.clip(v, 0.0, RELU_CAP)
-    return jax.nn.relu if name == "relu" else jnp.tanh
+    return {
+        "relu": jax.nn.relu,
+        "capped-relu": lambda v: jnp.clip(v, 0.0, RELU_CAP),
+        "soft-capped-relu": soft_capped_relu,
+        "tanh": jnp.tanh,
+    }[name]
 
 
 def _elman_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows, activation):
-    act = _activation(activation)
+    act = elman_activation(activation)
 
     def step(i, carry):
         h, states = carry
@@ -130,11 +147,15 @@ def _elman_forward(x_proj, keep, h_start, w_hh, b_hh, num_steps, rows, activatio
 
 def _elman_backward(activation, residuals, g_states):
     states, keep, h_start, w_hh, num_steps, rows = residuals
-    # The activation's derivative from its output: relu' = [h > 0], tanh' = 1 - h^2.
+    # The activation's derivative from its output: relu' = [h > 0], tanh' = 1 - h^2, the soft
+    # cap's exp(cap - h) above the cap.
     if activation == "relu":
         slope = (keep & (states > 0)).astype(states.dtype)
     elif activation == "capped-relu":
         slope = (keep & (states > 0) & (states < RELU_CAP)).astype(states.dtype)
+    elif activation == "soft-capped-relu":
+        above = jnp.exp(jnp.minimum(RELU_CAP - states, 0.0))
+        slope = jnp.where(keep & (states > 0), jnp.where(states > RELU_CAP, above, 1.0), 0.0)
     else:
         slope = jnp.where(keep, 1.0 - states * states, 0.0)
     w_hh_t = w_hh.T

@@ -28,7 +28,7 @@ def _amplified(params, gain=1.3):
     return {**params, "encoder$params": encoder}
 
 
-@pytest.mark.parametrize("activation", ["relu", "capped-relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "capped-relu", "soft-capped-relu", "tanh"])
 def test_elman_state_over_long_sequences(key, activation):
     steps = 600
     encoder = BackwardEncoder(8, "rnn", True, activation)
@@ -40,6 +40,9 @@ def test_elman_state_over_long_sequences(key, activation):
     states = encoder.apply(params, x, mask)
     if activation == "relu":  # 1.3^600 is far beyond float32's range
         assert not np.all(np.isfinite(states))
+    elif activation == "soft-capped-relu":  # past the cap, but only logarithmically
+        assert np.all(np.isfinite(states))
+        assert RELU_CAP < float(jnp.max(states)) < RELU_CAP + 3.0
     else:
         bound = RELU_CAP if activation == "capped-relu" else 1.0
         assert np.all(np.isfinite(states)) and float(jnp.max(jnp.abs(states))) <= bound
@@ -103,3 +106,15 @@ def test_stable_numerics_are_the_reference_below_the_cap(key):
     np.testing.assert_array_equal(a, b)
     for g, h in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b), strict=True):
         np.testing.assert_array_equal(g, h)
+
+
+def test_soft_cap_is_the_relu_below_the_cap_and_keeps_a_gradient_above():
+    from dmm_jax.scans import soft_capped_relu
+
+    v = jnp.array([-3.0, 0.5, 3.9, 4.0, 5.0, 1e3, 1e30])
+    h = soft_capped_relu(v)
+    np.testing.assert_allclose(h[:4], jnp.clip(v[:4], 0.0, None))
+    np.testing.assert_allclose(h[4:], RELU_CAP + np.log1p(np.asarray(v[4:]) - RELU_CAP), rtol=1e-6)
+    slope = jax.vmap(jax.grad(soft_capped_relu))(v)
+    assert np.all(np.asarray(slope[4:]) > 0) and np.all(np.isfinite(slope))
+    np.testing.assert_allclose(slope[4], 0.5, rtol=1e-6)

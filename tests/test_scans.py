@@ -22,7 +22,7 @@ def _assert_trees_close(a, b, rtol=RTOL):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("activation", ["relu", "capped-relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "capped-relu", "soft-capped-relu", "tanh"])
 def test_elman_rnn_backward_matches_autodiff(key, activation):
     x, lengths = random_binary_batch(0, 5, 11, 6, lengths=[11, 3, 0, 8, 11])
     mask = jnp.arange(11)[None] < lengths[:, None]
@@ -34,6 +34,10 @@ def test_elman_rnn_backward_matches_autodiff(key, activation):
         params = jax.tree.map(lambda p: 8.0 * p, params)
         states = fast.apply(params, x, mask)
         assert np.any(states == RELU_CAP) and np.any((states > 0) & (states < RELU_CAP))
+    if activation == "soft-capped-relu":  # large weights: some states pass the cap
+        params = jax.tree.map(lambda p: 8.0 * p, params)
+        states = fast.apply(params, x, mask)
+        assert np.any(states > RELU_CAP + 1.0) and np.any((states > 0) & (states < RELU_CAP))
     weights = jax.random.normal(jax.random.PRNGKey(1), (5, 11, 12))
 
     def loss(module):
