@@ -46,7 +46,8 @@ def run_dmm_jax(epochs: int, seed: int) -> dict:
 
     from dmm_jax.config import LatentODEConfig, TrainConfig
     from dmm_jax.data.irregular import as_sequence_arrays, periodic_dataset
-    from dmm_jax.models.latent_ode.prediction import task_mse
+    from dmm_jax.models.latent_ode import predict
+    from dmm_jax.models.series_tasks import task_mse
     from dmm_jax.train import fit
 
     data = periodic_dataset(n=1000, subsample=50, noise_weight=0.01, seed=seed)
@@ -66,7 +67,7 @@ def run_dmm_jax(epochs: int, seed: int) -> dict:
     )
     result = fit(train, test=test, model_config=model_config, train_config=train_config)
     seconds = [r["seconds"] for r in result.history]
-    mse = task_mse(result.params, jax.random.PRNGKey(seed), model_config, data["test"])
+    mse = task_mse(predict, result.params, jax.random.PRNGKey(seed), model_config, data["test"])
     return {
         "seconds_per_epoch": statistics.median(seconds[1:]),
         "first_epoch_seconds": seconds[0],

@@ -1,5 +1,5 @@
-"""Configurations: what the model is (``DMMConfig``, ``VRNNConfig``) and how it is trained
-(``TrainConfig``).
+"""Configurations: what the model is (``DMMConfig``, ``VRNNConfig``; the continuous-time
+families' in ``dmm_jax.continuous_config``) and how it is trained (``TrainConfig``).
 
 Defaults are the reference's (Pyro's examples/dmm.py), so the same numbers mean the same
 thing in both. Both are frozen dataclasses that round-trip through JSON (checkpoints keep them).
@@ -19,8 +19,7 @@ EMISSION_SCALES = ("learned", "predicted", "fixed")
 EMISSIONS = ("bernoulli", "gaussian", "gmm", "nade")  # dmm_jax.emissions
 BINARY_EMISSIONS = ("bernoulli", "nade")  # over 0/1 notes (piano rolls)
 VRNN_CELLS = ("gru", "lstm")
-NUMERICS = ("stable", "soft", "reference")
-LATENT_ODE_ENCODERS = ("ode-rnn", "rnn")
+NUMERICS = ("soft", "stable", "reference")
 
 # The paper's inference networks (Krishnan et al. 2017, Table 1): structured (ST, conditioned on
 # z_{t-1}) or mean-field (MF), over x_{1:t} (L), x_{t:T} (R) or x_{1:T} (LR).
@@ -48,9 +47,9 @@ class DMMConfig:
     rnn_dim: int = option(600, "hidden units of the inference RNN")
     rnn_cell: str = option("rnn", f"inference RNN cell, one of {RNN_CELLS}")
     numerics: str = option(
-        "stable",
-        "stable: the rnn cell's ReLU state is capped at 4 (docs/reliability.md); "
-        "soft: capped softly (logarithmic above 4); reference: the reference's unbounded ReLU",
+        "soft",
+        "soft: the rnn cell's ReLU state grows only logarithmically above 4 "
+        "(docs/reliability.md); stable: capped at 4; reference: the reference's unbounded ReLU",
     )
     # Hand-written backward passes for the two recurrences (same values and gradients as
     # autodiff, faster); False falls back to autodiff of plain scans.
@@ -128,8 +127,9 @@ class DMMConfig:
     @property
     def encoder_activation(self) -> str:
         """The "rnn" cell's nonlinearity: a ReLU state can grow without bound over long
-        sequences (inf, then NaN, in float32); a capped one stays in [0, 4]
-        (``dmm_jax.scans.RELU_CAP``) and is the ReLU wherever no state reaches the cap."""
+        sequences (inf, then NaN, in float32); the soft cap (``scans.soft_capped_relu``) is
+        the ReLU up to 4 (``dmm_jax.scans.RELU_CAP``) and logarithmic above, the hard cap
+        ("stable") stays in [0, 4]."""
         return {"reference": "relu", "stable": "capped-relu", "soft": "soft-capped-relu"}[
             self.numerics
         ]
@@ -195,53 +195,6 @@ class VRNNConfig:
     def state_dim(self) -> int:
         """Width of g_t = [h_{t-1}, c_t]."""
         return self.rnn_dim + self.covariate_dim
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentODEConfig:
-    """Sizes and choices of a Latent ODE. Times come from the data's ``dt`` (its cumulative
-    sum; ``dt[:, 0]`` is a series' first time), or are 0, 1, 2, ... without it. Defaults are
-    those of the paper's reference code for its periodic data."""
-
-    obs_dim: int = option(1, "observation dims per step (from the data)")
-    z_dim: int = option(10, "latent dims (z_0 and the ODE's state)")
-    rnn_dim: int = option(20, "hidden units of the encoder's GRU")
-    units: int = option(100, "hidden units of each ODE function's two tanh layers")
-    encoder: str = option("ode-rnn", f"q(z_0)'s encoder, one of {LATENT_ODE_ENCODERS}")
-    euler_steps: int = option(1, "Euler steps of the ODE-RNN encoder between observations")
-    obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
-    rtol: float = option(1e-3, "relative tolerance of the adaptive solver")
-    atol: float = option(1e-4, "absolute tolerance of the adaptive solver")
-    max_solver_steps: int = 4096
-    input_dim: int = 0
-    use_dt: bool = False
-
-    def __post_init__(self):
-        for field in ("obs_dim", "z_dim", "rnn_dim", "units", "euler_steps", "max_solver_steps"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LatentODEConfig.{field} must be a positive int, got {value!r}")
-        if self.encoder not in LATENT_ODE_ENCODERS:
-            raise ValueError(
-                f"LatentODEConfig.encoder must be one of {LATENT_ODE_ENCODERS}, "
-                f"got {self.encoder!r}"
-            )
-        for field in ("obs_std", "rtol", "atol"):
-            if not getattr(self, field) > 0:
-                raise ValueError(
-                    f"LatentODEConfig.{field} must be positive, got {getattr(self, field)!r}"
-                )
-        if self.input_dim:
-            raise ValueError("LatentODEConfig takes no control inputs (input_dim must be 0)")
-
-    @property
-    def emission(self) -> str:
-        """The decoder's observation model: N(W z(t) + b, obs_std^2), real values."""
-        return "gaussian"
-
-    @property
-    def covariate_dim(self) -> int:
-        return int(self.use_dt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,8 +302,23 @@ class TrainConfig:
             )
 
 
+# The continuous-time families' configs (they use ``option`` above).
+from dmm_jax.continuous_config import (
+    LatentODEConfig,
+    ODERNNConfig,
+    RNNDtConfig,
+    RNNVAEConfig,
+)
+
 # The model families' configs by name (``dmm_jax.models`` pairs them with their models).
-MODEL_CONFIGS = {"dmm": DMMConfig, "vrnn": VRNNConfig, "latent-ode": LatentODEConfig}
+MODEL_CONFIGS = {
+    "dmm": DMMConfig,
+    "vrnn": VRNNConfig,
+    "latent-ode": LatentODEConfig,
+    "ode-rnn": ODERNNConfig,
+    "rnn-dt": RNNDtConfig,
+    "rnn-vae": RNNVAEConfig,
+}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

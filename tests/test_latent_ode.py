@@ -169,7 +169,8 @@ def test_task_mse_is_the_squared_error_of_the_decoded_path_at_the_targets(key):
     """With f = 0 the path stays at z_0, so every prediction is W z_0 + b; with W = 0 it is
     b: the MSE is then the mean squared distance of the targets from b, for either task."""
     from dmm_jax.data.irregular import periodic_dataset
-    from dmm_jax.models.latent_ode.prediction import task_mse
+    from dmm_jax.models.latent_ode import predict
+    from dmm_jax.models.series_tasks import task_mse
 
     config = LatentODEConfig(obs_dim=1, z_dim=3, rnn_dim=5, units=8, use_dt=True)
     for extrapolate in (False, True):
@@ -178,7 +179,7 @@ def test_task_mse_is_the_squared_error_of_the_decoded_path_at_the_targets(key):
         params = _params(config, x, jnp.array([2]), jnp.ones((1, 2)))
         params["ode$params"] = jax.tree.map(jnp.zeros_like, params["ode$params"])
         params["decoder$params"] = {"kernel": jnp.zeros((3, 1)), "bias": jnp.array([1.25])}
-        got = task_mse(params, key, config, task)
+        got = task_mse(predict, params, key, config, task)
         targets = task.targets.x[task.targets.mask]
         np.testing.assert_allclose(got, np.mean((targets - 1.25) ** 2), rtol=1e-5)
 
@@ -222,13 +223,14 @@ def test_an_irregular_npz_trains_and_evaluates_from_the_command_line(tmp_path, c
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "extrapolate" and out["num_series"] == 1
     from dmm_jax.data.irregular import split_observed_targets
-    from dmm_jax.models.latent_ode.prediction import task_mse
+    from dmm_jax.models.latent_ode import predict
+    from dmm_jax.models.series_tasks import task_mse
     from dmm_jax.train import load_run
 
     run = load_run(ckpt)
     test = series.subset([7])
     task = split_observed_targets(test, "extrapolate")
-    expected = task_mse(run.params, jax.random.PRNGKey(0), run.model_config, task, 2)
+    expected = task_mse(predict, run.params, jax.random.PRNGKey(0), run.model_config, task, 2)
     assert out["num_targets"] == int(task.targets.mask.sum()) > 0
     np.testing.assert_allclose(out["test_mse"], expected, rtol=1e-5)
     [png] = out["png"]

@@ -1,6 +1,7 @@
 """Numerics on long sequences: the unbounded ReLU state of the reference's encoder overflows
-in float32, the default ("stable") capped one does not and is the ReLU below its cap; the
-reference-exact numerics stay available and old checkpoints keep them."""
+in float32, the default soft-capped one ("soft") and the hard-capped one ("stable") do not
+and are the ReLU below the cap; the reference-exact numerics stay available and old
+checkpoints keep them."""
 
 import dataclasses
 
@@ -59,8 +60,9 @@ def _loss_and_grads(numerics, key, steps=600):
     return jax.value_and_grad(loss)(params)
 
 
-def test_stable_numerics_keep_long_sequences_finite(key):
-    loss, grads = _loss_and_grads("stable", key)
+@pytest.mark.parametrize("numerics", ["soft", "stable"])
+def test_bounded_numerics_keep_long_sequences_finite(key, numerics):
+    loss, grads = _loss_and_grads(numerics, key)
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
@@ -71,9 +73,10 @@ def test_reference_numerics_overflow_where_stable_ones_do_not(key):
     assert not np.isfinite(float(loss))
 
 
-def test_numerics_choice_is_checked_and_stable_by_default():
-    assert DMMConfig().numerics == "stable"
-    assert DMMConfig().encoder_activation == "capped-relu"
+def test_numerics_choice_is_checked_and_soft_by_default():
+    assert DMMConfig().numerics == "soft"
+    assert DMMConfig().encoder_activation == "soft-capped-relu"
+    assert DMMConfig(numerics="stable").encoder_activation == "capped-relu"
     assert DMMConfig(numerics="reference").encoder_activation == "relu"
     with pytest.raises(ValueError, match="DMMConfig.numerics must be one of"):
         DMMConfig(numerics="fast")
@@ -90,11 +93,12 @@ def test_numerics_change_only_the_elman_cell(key):
     np.testing.assert_array_equal(a, b)
 
 
-def test_stable_numerics_are_the_reference_below_the_cap(key):
-    """Where no state reaches the cap (healthy training), both settings give the same ELBO
+@pytest.mark.parametrize("numerics", ["soft", "stable"])
+def test_bounded_numerics_are_the_reference_below_the_cap(key, numerics):
+    """Where no state reaches the cap (healthy training), the settings give the same ELBO
     and gradients, number for number."""
     x, lengths = random_binary_batch(5, 3, 12, SMALL["obs_dim"], lengths=[12, 7, 3])
-    stable = DMMConfig(**SMALL)
+    stable = DMMConfig(**SMALL, numerics=numerics)
     reference = dataclasses.replace(stable, numerics="reference")
     params = init_params(stable)
 

@@ -3,15 +3,20 @@
 Every family gives a frozen config dataclass and a NumPyro ``model``/``guide`` pair with the
 same signature, ``(x [B, T, X], lengths [B], annealing_factor, *, config, inputs, dt,
 obs_mask, steps)``, whose one latent site "z" holds each sequence's latents (its trajectory
-[T, Z], or the Latent ODE's z_0 [Z]); so training (``dmm_jax.train``), evaluation
+[T, Z], the Latent ODE's and the RNN-VAE's z_0 [Z]; the ODE-RNN and RNN-dt have none and
+an empty guide); so training (``dmm_jax.train``), evaluation
 (``dmm_jax.evaluate``) and checkpoints take any of them. Generation (``dmm_jax.generate``)
-goes through each family's ``generation`` hooks (the Latent ODE has none yet; it forecasts
-real-valued series through its ``extrapolate`` hook).
+goes through each family's ``generation`` hooks; the continuous-time families have none and
+predict real-valued series at any times through their ``predict`` (interpolation,
+extrapolation: ``dmm_jax.models.series_tasks``).
 
     family      subpackage                        paper
     dmm         ``dmm_jax.models.dmm``            Krishnan, Shalit & Sontag, AAAI 2017
     vrnn        ``dmm_jax.models.vrnn``           Chung et al., NeurIPS 2015
     latent-ode  ``dmm_jax.models.latent_ode``     Rubanova, Chen & Duvenaud, NeurIPS 2019
+    ode-rnn     ``dmm_jax.models.ode_rnn``        the same paper's baselines
+    rnn-dt      ``dmm_jax.models.ode_rnn``
+    rnn-vae     ``dmm_jax.models.rnn_vae``
 
 Each subpackage has ``model_guide`` (the NumPyro model and guide) and ``generation`` (its hooks);
 the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``.
@@ -20,11 +25,12 @@ the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from dmm_jax.config import MODEL_CONFIGS
-from dmm_jax.models import dmm, latent_ode, vrnn
+from dmm_jax.models import dmm, latent_ode, ode_rnn, rnn_vae, series_tasks, vrnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +49,13 @@ class ModelFamily:
     resampling, **covariates)`` -> (log p^(x) [B], particles), the filtering bound of a family
     with a latent per step (``dmm_jax.filtering``), or None.
 
-    extrapolate: ``(params, key, config, series, samples)`` -> {"test_mse", "task", "grid",
-    "draws"}, the continuous-time forecast of real-valued series
-    (``dmm_jax.models.latent_ode.prediction.extrapolate``), or None.
+    predict: ``(params, key, config, x, lengths, dt, query_times, samples)`` -> the means
+    [S, B, T_q, D] of a continuous-time family at any times (``dmm_jax.models.series_tasks``),
+    or None.
 
     split_metrics: ``(params, key, config, split) -> {name: value}``, figures that ``fit`` adds
-    to each evaluation of a split as ``<split>_<name>`` (the Latent ODE's ``mse``), or None.
+    to each evaluation of a split as ``<split>_<name>`` (the continuous-time families'
+    interpolation ``mse``), or None.
     """
 
     name: str
@@ -57,8 +64,21 @@ class ModelFamily:
     guide: Callable
     generation: Any = None
     particle_filter: Callable | None = None
-    extrapolate: Callable | None = None
-    split_metrics: Callable | None = None
+    predict: Callable | None = None
+
+    @property
+    def split_metrics(self) -> Callable | None:
+        if self.predict is None:
+            return None
+        return lambda *args: {"mse": series_tasks.split_mse(self.predict, *args)}
+
+    @property
+    def extrapolate(self) -> Callable | None:
+        """``(params, key, config, series, samples)`` -> ``series_tasks.extrapolate``'s
+        result, or None where the family does not predict real-valued series."""
+        if self.predict is None:
+            return None
+        return functools.partial(series_tasks.extrapolate, self.predict)
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -80,8 +100,20 @@ FAMILIES: dict[str, ModelFamily] = {
             MODEL_CONFIGS["latent-ode"],
             latent_ode.model,
             latent_ode.guide,
-            extrapolate=latent_ode.extrapolate,
-            split_metrics=lambda *args: {"mse": latent_ode.split_mse(*args)},
+            predict=latent_ode.predict,
+        ),
+        *(
+            ModelFamily(
+                name, MODEL_CONFIGS[name], ode_rnn.model, ode_rnn.guide, predict=ode_rnn.predict
+            )
+            for name in ("ode-rnn", "rnn-dt")
+        ),
+        ModelFamily(
+            "rnn-vae",
+            MODEL_CONFIGS["rnn-vae"],
+            rnn_vae.model,
+            rnn_vae.guide,
+            predict=rnn_vae.predict,
         ),
     )
 }

@@ -1,6 +1,8 @@
 """The Latent ODE's NumPyro model and guide (Rubanova, Chen & Duvenaud, NeurIPS 2019).
 
     model:  z_0 ~ N(0, I),  z(t) = ODESolve(f, z_0, t_0, t),  x_t ~ N(W z(t_t) + b, obs_std^2)
+            with ``poisson``: the times each feature was observed, a Poisson process of rate
+            lambda(z(t)) (site "observation_times", ``networks.poisson_log_likelihood``)
     guide:  q(z_0 | x) = N(mu(h_0), sigma(h_0)^2),  h_0 = Encoder(x_{T..0}) (ODE-RNN or RNN)
 
 The times of a series come from ``dt`` (``dt[:, 0]`` is its first time), so the family trains
@@ -19,14 +21,16 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
-from dmm_jax.config import LatentODEConfig
+from dmm_jax.continuous_config import LatentODEConfig
 from dmm_jax.models.common import sequence_mask
 from dmm_jax.models.latent_ode.networks import (
     GaussianHead,
+    LogIntensity,
     ODEFunction,
     decoder,
     encode,
     ode_function,
+    poisson_log_likelihood,
     series_inputs,
     solve,
 )
@@ -56,7 +60,14 @@ def model(
         with handlers.scale(scale=annealing_factor):
             prior = dist.Normal(jnp.zeros((batch, config.z_dim)), 1.0).to_event(1)
             z0 = numpyro.sample("z", prior)
-        path = solve(f, z0, times, config)
+        if config.poisson:
+            intensity = LogIntensity(config.obs_dim, config.units)
+            log_rate = flax_module("intensity", intensity, input_shape=(1, config.z_dim))
+            path, cumulative_rate = solve(f, z0, times, config, log_rate)
+            times_log_lik = poisson_log_likelihood(log_rate(path), cumulative_rate, present, mask)
+            numpyro.factor("observation_times", times_log_lik)
+        else:
+            path = solve(f, z0, times, config)
         emission = dist.Normal(decode(path), config.obs_std)
         numpyro.sample("x", emission.mask(present).to_event(1).mask(mask).to_event(1), obs=x)
     return path

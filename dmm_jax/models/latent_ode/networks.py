@@ -4,6 +4,8 @@
     ODE-RNN        between observations h evolves by dh/dt = f_h(h) (fixed Euler sub-steps);
                    at an observation, h = GRU(h, [x_t, m_t]) (m_t: which entries are observed)
     RNN            h = GRU(h, [x_t, m_t, gap_t]): the time gap is an input (RNN-dt)
+    intensity      log lambda(z): two tanh layers of ``units``, one rate per feature (the
+                   Poisson process of the observation times; its integral is solved with z)
 
 Both encoders read the series backward in time, so their last state summarises x_{0:T}
 at t_0 and gives q(z_0). Weights start as the reference's: N(0, 0.1^2), zero biases.
@@ -16,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmm_jax.config import LatentODEConfig
+from dmm_jax.continuous_config import LatentODEConfig
 from dmm_jax.models.common import observed_entries
 from dmm_jax.scans import active_steps
 
@@ -50,6 +52,36 @@ class GaussianHead(nn.Module):
         return out[..., : self.dim], nn.softplus(out[..., self.dim :]) + 1e-4
 
 
+class LogIntensity(nn.Module):
+    """log lambda(z) [..., D]: the rate at which each feature is observed, given z(t)."""
+
+    dim: int
+    units: int
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        h = jnp.tanh(nn.Dense(self.units, **_INIT)(z))
+        h = jnp.tanh(nn.Dense(self.units, **_INIT)(h))
+        return nn.Dense(self.dim, **_INIT)(h)
+
+
+def poisson_log_likelihood(
+    log_rate: Array, cumulative_rate: Array, present: Array, mask: Array
+) -> Array:
+    """log p(observation times) of each series, [B]: for each feature d, an inhomogeneous
+    Poisson process on [t_0, t_last] whose events are the times d was observed,
+
+        sum_{i: d observed at t_i} log lambda_d(t_i)  -  integral_{t_0}^{t_last} lambda_d dt,
+
+    summed over features. ``log_rate`` [B, T, D] at the series' times, ``cumulative_rate``
+    [B, T, D] the integral from t_0 to each time (padding repeats the last time, so the last
+    column is the whole integral), ``present`` [B, T, D], ``mask`` [B, T]."""
+    events = present & mask[..., None]
+    return jnp.sum(jnp.where(events, log_rate, 0.0), axis=(1, 2)) - jnp.sum(
+        cumulative_rate[:, -1], axis=-1
+    )
+
+
 def ode_function(config: LatentODEConfig) -> ODEFunction:
     """The generative ODE's f (registered by the model as "ode")."""
     return ODEFunction(config.z_dim, config.units)
@@ -74,21 +106,29 @@ def series_times(dt: Array | None, batch: int, num_steps: int) -> Array:
     return jnp.cumsum(dt, axis=1)
 
 
-def solve(f, z0: Array, times: Array, config: LatentODEConfig) -> Array:
+def solve(f, z0: Array, times: Array, config: LatentODEConfig, log_rate=None):
     """z(t) [B, T, Z] at every series' own times from z(times[:, 0]) = z0 [B, Z], each series
     solved by adaptive Dopri5 (rtol, atol of the config) and differentiated through the
-    solver's steps. Repeated times (padding) are allowed."""
-    term = diffrax.ODETerm(lambda t, z, args: f(z))
+    solver's steps. Repeated times (padding) are allowed.
+
+    Given ``log_rate`` (z -> log lambda(z) [D]), the state carries the integral of lambda
+    from t_0 as well, and the result is (z(t), that integral [B, T, D]).
+    """
+    if log_rate is None:
+        term = diffrax.ODETerm(lambda t, z, args: f(z))
+    else:
+        term = diffrax.ODETerm(lambda t, y, args: (f(y[0]), jnp.exp(log_rate(y[0]))))
     controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
 
     def one(z0_b, ts):
+        y0 = z0_b if log_rate is None else (z0_b, jnp.zeros(config.obs_dim, z0_b.dtype))
         solution = diffrax.diffeqsolve(
             term,
             diffrax.Dopri5(),
             t0=ts[0],
             t1=ts[-1],
             dt0=None,
-            y0=z0_b,
+            y0=y0,
             saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=controller,
             max_steps=config.max_solver_steps,
@@ -96,6 +136,13 @@ def solve(f, z0: Array, times: Array, config: LatentODEConfig) -> Array:
         return solution.ys
 
     return jax.vmap(one)(z0, times)
+
+
+def euler(f, h: Array, gap: Array, steps: int) -> Array:
+    """h [B, H] carried over ``gap`` [B] (negative: backward in time) by ``steps`` Euler
+    steps of dh/dt = f(h)."""
+    step = (gap / steps)[:, None]
+    return jax.lax.fori_loop(0, steps, lambda _, h: h + step * f(h), h)
 
 
 def encode(nets: dict, x: Array, present: Array, times: Array, mask: Array, config) -> Array:
@@ -111,20 +158,12 @@ def encode(nets: dict, x: Array, present: Array, times: Array, mask: Array, conf
     step_inputs = jnp.concatenate([jnp.where(present, x, 0.0), observed], axis=-1)
     h0 = jnp.zeros((batch, config.rnn_dim), x.dtype)
 
-    def evolve(h, gap):  # Euler sub-steps of dh/dt = f_h(h) over gap (negative: backward)
-        step = (gap / config.euler_steps)[:, None]
-
-        def sub_step(_, h):
-            return h + step * nets["encoder_ode"](h)
-
-        return jax.lax.fori_loop(0, config.euler_steps, sub_step, h)
-
     def step(carry, inputs):
         h, clock = carry
         inp, t, real, any_observed = inputs
         gap = t - clock  # <= 0
         if config.encoder == "ode-rnn":
-            h_ode = evolve(h, gap)
+            h_ode = euler(nets["encoder_ode"], h, gap, config.euler_steps)
         else:
             h_ode, inp = h, jnp.concatenate([inp, -gap[:, None]], axis=-1)
         h_new, _ = nets["gru"](h_ode, inp)
