@@ -41,19 +41,24 @@ sys.path.insert(0, str(HERE))
 from epoch_time import provenance
 
 
-def run_dmm_jax(epochs: int, seed: int) -> dict:
-    import jax
+def periodic_data(seed: int, extrapolate: bool = False) -> dict:
+    """The reference's periodic command's data: 1,000 series, 50 of 100 points observed."""
+    from dmm_jax.data.irregular import periodic_dataset
 
-    from dmm_jax.config import LatentODEConfig, TrainConfig
-    from dmm_jax.data.irregular import as_sequence_arrays, periodic_dataset
-    from dmm_jax.models.latent_ode import predict
-    from dmm_jax.models.series_tasks import task_mse
+    return periodic_dataset(
+        n=1000, subsample=50, noise_weight=0.01, seed=seed, extrapolate=extrapolate
+    )
+
+
+def train_on_periodic(model_config, epochs: int, seed: int, data: dict):
+    """``fit`` at the reference's settings on the training series' observed points, the test
+    split's bound every epoch; returns fit's result."""
+    from dmm_jax.config import TrainConfig
+    from dmm_jax.data.irregular import as_sequence_arrays
     from dmm_jax.train import fit
 
-    data = periodic_dataset(n=1000, subsample=50, noise_weight=0.01, seed=seed)
     train = as_sequence_arrays(data["train"].observed)
     test = as_sequence_arrays(data["test"].observed)
-    model_config = LatentODEConfig(obs_dim=1, use_dt=True)
     train_config = TrainConfig(
         epochs=epochs,
         batch_size=50,
@@ -65,7 +70,19 @@ def run_dmm_jax(epochs: int, seed: int) -> dict:
         eval_every=1,
         seed=seed,
     )
-    result = fit(train, test=test, model_config=model_config, train_config=train_config)
+    return fit(train, test=test, model_config=model_config, train_config=train_config)
+
+
+def run_dmm_jax(epochs: int, seed: int) -> dict:
+    import jax
+
+    from dmm_jax.config import LatentODEConfig
+    from dmm_jax.models.latent_ode import predict
+    from dmm_jax.models.series_tasks import task_mse
+
+    data = periodic_data(seed)
+    model_config = LatentODEConfig(obs_dim=1, use_dt=True)
+    result = train_on_periodic(model_config, epochs, seed, data)
     seconds = [r["seconds"] for r in result.history]
     mse = task_mse(predict, result.params, jax.random.PRNGKey(seed), model_config, data["test"])
     return {
