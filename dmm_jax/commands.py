@@ -399,6 +399,12 @@ def _split_sequences(dataset, split: str) -> list[np.ndarray]:
 def _posterior(args: argparse.Namespace) -> int:
     _require_positive(args, "samples")
     run, dataset = _run_dataset("posterior", args, piano_rolls=False)
+    family = family_of(run.model_config)
+    _require(
+        family.predict is None,
+        "posterior",
+        f"summarises a latent trajectory per step; the {family.name} family has none",
+    )
     sequences = _split_sequences(dataset, args.split)
     _require(
         0 <= args.index < len(sequences),

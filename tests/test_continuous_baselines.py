@@ -265,3 +265,5 @@ def test_every_model_trains_and_forecasts_from_the_command_line(tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "extrapolate" and np.isfinite(out["test_mse"])
     assert pathlib.Path(out["png"][0]).read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit, match="latent trajectory per step"):
+        main(["posterior", "--checkpoint", str(ckpt), "--data", str(data)])
