@@ -153,7 +153,7 @@ def test_poisson_latent_ode_adds_the_likelihood_of_the_observation_times(key):
     seeded = handlers.seed(handlers.substitute(latent_ode.guide, data=params), guide_key)
     z0 = seeded(x, lengths, config=config, dt=dt)
     f = _apply(params, "ode", latent_ode.networks.ode_function(config))
-    log_rate = _apply(params, "intensity", latent_ode.networks.LogIntensity(2, config.units))
+    log_rate = _apply(params, "intensity", latent_ode.networks.ODEFunction(2, config.units))
     times = series_times(dt, *x.shape[:2])
     path, cumulative = solve(f, z0, times, config, log_rate)
     mask = jnp.arange(6)[None] < lengths[:, None]

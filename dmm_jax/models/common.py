@@ -1,4 +1,5 @@
-"""Data preparation shared by every model family: masks, missing entries, covariates.
+"""Parts shared by every model family: masks, missing entries, covariates, and networks
+registered with NumPyro or bound to trained parameters.
 
 Shapes (batch-major throughout): B sequences, T steps, X observation dims, U input dims.
 ``lengths`` [B] marks the real steps of each padded sequence; steps t >= lengths[b] are padding.
@@ -8,10 +9,29 @@ A config that takes covariates has ``input_dim`` (control inputs u_t, 0: none) a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from numpyro.contrib.module import flax_module
 
 Array = jax.Array
+
+
+def registered_networks(networks: dict) -> dict:
+    """{name: (Flax module, example arguments)} -> the modules registered with NumPyro (their
+    parameters the sites "<name>$params"), each called like the module."""
+    return {
+        name: flax_module(name, module, *example) for name, (module, example) in networks.items()
+    }
+
+
+def bound_networks(networks: dict, params: dict) -> dict:
+    """The same modules bound to trained ``params`` (outside a NumPyro model)."""
+    return {
+        name: functools.partial(module.apply, {"params": params[f"{name}$params"]})
+        for name, (module, _) in networks.items()
+    }
 
 
 def sequence_mask(lengths: Array, num_steps: int) -> Array:

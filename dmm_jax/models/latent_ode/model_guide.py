@@ -25,7 +25,6 @@ from dmm_jax.continuous_config import LatentODEConfig
 from dmm_jax.models.common import sequence_mask
 from dmm_jax.models.latent_ode.networks import (
     GaussianHead,
-    LogIntensity,
     ODEFunction,
     decoder,
     encode,
@@ -61,7 +60,7 @@ def model(
             prior = dist.Normal(jnp.zeros((batch, config.z_dim)), 1.0).to_event(1)
             z0 = numpyro.sample("z", prior)
         if config.poisson:
-            intensity = LogIntensity(config.obs_dim, config.units)
+            intensity = ODEFunction(config.obs_dim, config.units)  # z -> log lambda
             log_rate = flax_module("intensity", intensity, input_shape=(1, config.z_dim))
             path, cumulative_rate = solve(f, z0, times, config, log_rate)
             times_log_lik = poisson_log_likelihood(log_rate(path), cumulative_rate, present, mask)

@@ -4,8 +4,9 @@
     ODE-RNN        between observations h evolves by dh/dt = f_h(h) (fixed Euler sub-steps);
                    at an observation, h = GRU(h, [x_t, m_t]) (m_t: which entries are observed)
     RNN            h = GRU(h, [x_t, m_t, gap_t]): the time gap is an input (RNN-dt)
-    intensity      log lambda(z): two tanh layers of ``units``, one rate per feature (the
-                   Poisson process of the observation times; its integral is solved with z)
+    intensity      log lambda(z): an ``ODEFunction`` of the same shape from z to one log rate
+                   per feature (the Poisson process of the observation times; its integral
+                   is solved with z)
 
 Both encoders read the series backward in time, so their last state summarises x_{0:T}
 at t_0 and gives q(z_0). Weights start as the reference's: N(0, 0.1^2), zero biases.
@@ -49,19 +50,6 @@ class GaussianHead(nn.Module):
     def __call__(self, h: Array) -> tuple[Array, Array]:
         out = nn.Dense(2 * self.dim, **_INIT)(jnp.tanh(nn.Dense(self.units, **_INIT)(h)))
         return out[..., : self.dim], nn.softplus(out[..., self.dim :]) + 1e-4
-
-
-class LogIntensity(nn.Module):
-    """log lambda(z) [..., D]: the rate at which each feature is observed, given z(t)."""
-
-    dim: int
-    units: int
-
-    @nn.compact
-    def __call__(self, z: Array) -> Array:
-        h = jnp.tanh(nn.Dense(self.units, **_INIT)(z))
-        h = jnp.tanh(nn.Dense(self.units, **_INIT)(h))
-        return nn.Dense(self.dim, **_INIT)(h)
 
 
 def poisson_log_likelihood(

@@ -14,9 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from numpyro.contrib.module import flax_module
 
-from dmm_jax.models.common import observed_entries, sequence_mask
+from dmm_jax.models.common import (
+    bound_networks,
+    observed_entries,
+    registered_networks,
+    sequence_mask,
+)
 from dmm_jax.models.latent_ode.networks import series_inputs, series_times
 from dmm_jax.models.ode_rnn.networks import networks, step_ahead_means
 
@@ -38,10 +42,7 @@ def model(
     del annealing_factor, inputs, steps  # no latents to anneal
     batch, num_steps, _ = x.shape
     times, x, present = series_inputs(x, dt, obs_mask)
-    nets = {
-        name: flax_module(name, module, *example)
-        for name, (module, example) in networks(config).items()
-    }
+    nets = registered_networks(networks(config))
     mask = sequence_mask(lengths, num_steps)
     means = step_ahead_means(nets, x, present, times, mask, config)
     with numpyro.plate("sequences", batch):
@@ -92,10 +93,7 @@ def predict(
     no_entries = jnp.zeros((batch, num_queries, obs_dim), x.dtype)
     timeline_x = timeline(jnp.concatenate([no_entries, x], 1))
     timeline_present = timeline(jnp.concatenate([no_entries.astype(bool), present], 1))
-    nets = {
-        name: functools.partial(module.apply, {"params": params[f"{name}$params"]})
-        for name, (module, _) in networks(config).items()
-    }
+    nets = bound_networks(networks(config), params)
     means = step_ahead_means(
         nets, timeline_x, timeline_present, timeline(all_times), ~timeline(is_padding), config
     )

@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
-from numpyro.contrib.module import flax_module
 
-from dmm_jax.models.common import sequence_mask
+from dmm_jax.models.common import bound_networks, registered_networks, sequence_mask
 from dmm_jax.models.latent_ode.model_guide import guide
 from dmm_jax.models.latent_ode.networks import _INIT, series_inputs
 from dmm_jax.models.latent_ode.prediction import posterior_z0
@@ -80,10 +79,7 @@ def model(
     del inputs, steps
     batch, num_steps, _ = x.shape
     times, x, present = series_inputs(x, dt, obs_mask)
-    nets = {
-        name: flax_module(name, module, *example)
-        for name, (module, example) in networks(config).items()
-    }
+    nets = registered_networks(networks(config))
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
             z0 = numpyro.sample("z", dist.Normal(jnp.zeros((batch, config.z_dim)), 1.0).to_event(1))
@@ -107,8 +103,5 @@ def predict(
     """The means [S, B, T_q, D] at ``query_times`` given the observed ``x`` [B, T, D] (NaN:
     not observed) at the times of ``dt``, one per draw of z_0 from the guide."""
     z0 = posterior_z0(params, key, config, x, lengths, dt, samples)
-    nets = {
-        name: functools.partial(module.apply, {"params": params[f"{name}$params"]})
-        for name, (module, _) in networks(config).items()
-    }
+    nets = bound_networks(networks(config), params)
     return jax.vmap(lambda z: decode(nets, z, query_times))(z0)
