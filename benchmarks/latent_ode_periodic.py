@@ -52,9 +52,9 @@ def periodic_data(seed: int, extrapolate: bool = False) -> dict:
     )
 
 
-def train_on_periodic(model_config, epochs: int, seed: int, data: dict):
+def train_on_periodic(model_config, epochs: int, seed: int, data: dict, eval_every: int = 1):
     """``fit`` at the reference's settings on the training series' observed points, the test
-    split's bound and MSE every epoch; returns fit's result and the wall seconds of each
+    split's bound and MSE every ``eval_every`` epochs; returns fit's result and the wall seconds of each
     epoch after the first, its evaluation included (as the reference's are)."""
     from dmm_jax.config import TrainConfig
     from dmm_jax.data.irregular import as_sequence_arrays
@@ -70,7 +70,7 @@ def train_on_periodic(model_config, epochs: int, seed: int, data: dict):
         weight_decay=0.0,
         annealing_epochs=epochs,
         minimum_annealing_factor=0.01,
-        eval_every=1,
+        eval_every=eval_every,
         seed=seed,
     )
     ends = []  # fit logs each epoch's line once the epoch and its evaluation are done
