@@ -18,8 +18,11 @@ extrapolation: ``dmm_jax.models.series_tasks``).
     rnn-dt      ``dmm_jax.models.ode_rnn``
     rnn-vae     ``dmm_jax.models.rnn_vae``
 
-Each subpackage has ``model_guide`` (the NumPyro model and guide) and ``generation`` (its hooks);
-the VRNN's own networks are in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``.
+The DMM's and the VRNN's subpackages have ``model_guide`` (the NumPyro model and guide),
+``generation`` (its hooks) and ``filtering`` (its particle filter); the VRNN's own networks are
+in ``vrnn/networks.py``, the DMM's are the shared ``dmm_jax.nn``. The continuous-time ones
+have ``networks`` and ``model_guide`` with their ``predict`` (the RNN-VAE, which borrows the
+Latent ODE's guide, is one module).
 """
 
 from __future__ import annotations
