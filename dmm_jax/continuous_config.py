@@ -54,7 +54,7 @@ class LatentODEConfig(_RealValued):
     encoder: str = option("ode-rnn", f"q(z_0)'s encoder, one of {LATENT_ODE_ENCODERS}")
     euler_steps: int = option(1, "Euler steps of the ODE-RNN between observations")
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
-    poisson: bool = option(False, "latent-ode: also score the observation times (Poisson process)")
+    poisson: bool = option(False, "also score the observation times (a Poisson process)")
     rtol: float = option(1e-3, "relative tolerance of the adaptive solver")
     atol: float = option(1e-4, "absolute tolerance of the adaptive solver")
     max_solver_steps: int = 4096
@@ -78,8 +78,8 @@ class ODERNNConfig(_RealValued):
     scored under N(W h(t-) + b, obs_std^2), h(t-) the state just before it."""
 
     obs_dim: int = option(1, "observation dims per step (from the data)")
-    rnn_dim: int = option(20, "hidden units of the encoder's GRU")
-    units: int = option(100, "hidden units of each ODE function's two tanh layers")
+    rnn_dim: int = option(20, "hidden units of the GRU")
+    units: int = option(100, "hidden units of the ODE function's and the decoder's tanh layers")
     euler_steps: int = option(1, "Euler steps of the ODE-RNN between observations")
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
     input_dim: int = 0
@@ -100,8 +100,8 @@ class RNNDtConfig(_RealValued):
     under N(W h(t-) + b, obs_std^2) as the ODE-RNN's."""
 
     obs_dim: int = option(1, "observation dims per step (from the data)")
-    rnn_dim: int = option(20, "hidden units of the encoder's GRU")
-    units: int = option(100, "rnn-dt: hidden units of the decoder's tanh layer")
+    rnn_dim: int = option(20, "hidden units of the GRU")
+    units: int = option(100, "hidden units of the decoder's tanh layer")
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
     input_dim: int = 0
     use_dt: bool = False
@@ -123,8 +123,8 @@ class RNNVAEConfig(_RealValued):
     obs_dim: int = option(1, "observation dims per step (from the data)")
     z_dim: int = option(10, "latent dims (z_0 and the ODE's state)")
     rnn_dim: int = option(20, "hidden units of the encoder's GRU")
-    decoder_dim: int = option(20, "rnn-vae: hidden units of the decoder's GRU")
-    units: int = option(100, "rnn-vae: hidden units of q(z_0)'s head")
+    decoder_dim: int = option(20, "hidden units of the decoder's GRU")
+    units: int = option(100, "hidden units of q(z_0)'s head and the decoder's tanh layer")
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
     input_dim: int = 0
     use_dt: bool = False
