@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument(
-        "--numerics", nargs="+", default=["stable", "reference"], help="numerics: settings to run"
+        "--numerics", nargs="+", default=["soft", "reference"], help="numerics: settings to run"
     )
     parser.add_argument("--samples", type=int, default=500, help="IS draws per test sequence")
     parser.add_argument("--batch", type=int, default=20, help="long: sequences per split")
