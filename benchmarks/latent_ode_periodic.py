@@ -54,8 +54,8 @@ def periodic_data(seed: int, extrapolate: bool = False) -> dict:
 
 def train_on_periodic(model_config, epochs: int, seed: int, data: dict, eval_every: int = 1):
     """``fit`` at the reference's settings on the training series' observed points, the test
-    split's bound and MSE every ``eval_every`` epochs; returns fit's result and the wall seconds of each
-    epoch after the first, its evaluation included (as the reference's are)."""
+    split's bound and MSE every ``eval_every`` epochs; returns fit's result and the wall
+    seconds of each epoch after the first, its evaluation included (as the reference's are)."""
     from dmm_jax.config import TrainConfig
     from dmm_jax.data.irregular import as_sequence_arrays
     from dmm_jax.train import fit
@@ -73,13 +73,14 @@ def train_on_periodic(model_config, epochs: int, seed: int, data: dict, eval_eve
         eval_every=eval_every,
         seed=seed,
     )
-    ends = []  # fit logs each epoch's line once the epoch and its evaluation are done
+    ends = []
+
+    def epoch_done(line: str) -> None:  # fit logs an epoch's line once it is evaluated too
+        if line.startswith("[training epoch"):
+            ends.append(time.perf_counter())
+
     result = fit(
-        train,
-        test=test,
-        model_config=model_config,
-        train_config=train_config,
-        log=lambda line: line.startswith("[training epoch") and ends.append(time.perf_counter()),
+        train, test=test, model_config=model_config, train_config=train_config, log=epoch_done
     )
     return result, list(np.diff(ends))
 
