@@ -119,7 +119,9 @@ class SequenceArrays:
     def _bucket(self, indices: np.ndarray, batch_size: int) -> int:
         if len(indices) > batch_size:
             raise ValueError(f"{len(indices)} indices do not fit a batch of {batch_size}")
-        return length_bucket(int(self.lengths[indices].max()))
+        # Never past the arrays' own length: series of one length T (the periodic data's 100)
+        # are not padded to the next bucket (144), where every padded step is work.
+        return min(length_bucket(int(self.lengths[indices].max())), self.x.shape[1])
 
     def padded_shape(self, indices: np.ndarray, batch_size: int) -> tuple[int, int, int]:
         """The shape of ``batch(indices, batch_size)``'s x, without building it."""
