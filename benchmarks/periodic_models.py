@@ -57,15 +57,10 @@ def run_model(name: str, epochs: int, seed: int) -> dict:
     result, _ = train_on_periodic(model_config, epochs, seed, data, eval_every=max(1, epochs // 10))
     wall = time.perf_counter() - started
     key = jax.random.PRNGKey(seed)
+    tasks = {"interpolation": data, "extrapolation": periodic_data(seed, extrapolate=True)}
     mse = {
-        task: task_mse(
-            family.predict,
-            result.params,
-            key,
-            model_config,
-            periodic_data(seed, extrapolate=task == "extrapolation")["test"],
-        )
-        for task in ("interpolation", "extrapolation")
+        task: task_mse(family.predict, result.params, key, model_config, split["test"])
+        for task, split in tasks.items()
     }
     return {
         "model": name,

@@ -401,7 +401,7 @@ def _posterior(args: argparse.Namespace) -> int:
     run, dataset = _run_dataset("posterior", args, piano_rolls=False)
     family = family_of(run.model_config)
     _require(
-        family.predict is None,
+        family.particle_filter is not None,
         "posterior",
         f"summarises a latent trajectory per step; the {family.name} family has none",
     )

@@ -135,7 +135,3 @@ class RNNVAEConfig(_RealValued):
     @property
     def encoder(self) -> str:
         return "rnn"
-
-    @property
-    def euler_steps(self) -> int:  # the encoder's, unused by an RNN encoder
-        return 1

@@ -154,8 +154,7 @@ def _elman_backward(activation, residuals, g_states):
     elif activation == "capped-relu":
         slope = (keep & (states > 0) & (states < RELU_CAP)).astype(states.dtype)
     elif activation == "soft-capped-relu":
-        above = jnp.exp(jnp.minimum(RELU_CAP - states, 0.0))
-        slope = jnp.where(keep & (states > 0), jnp.where(states > RELU_CAP, above, 1.0), 0.0)
+        slope = jnp.where(keep & (states > 0), jnp.exp(jnp.minimum(RELU_CAP - states, 0.0)), 0.0)
     else:
         slope = jnp.where(keep, 1.0 - states * states, 0.0)
     w_hh_t = w_hh.T

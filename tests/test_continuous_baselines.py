@@ -191,8 +191,8 @@ def test_gradients_finite_and_padding_changes_nothing(key, name):
 @pytest.mark.parametrize("name", ["ode-rnn", "rnn-dt", "rnn-vae"])
 def test_predict_at_the_observed_times_gives_the_models_means(key, name):
     """``predict`` at the series' own times reproduces the model's means (for the RNN-VAE at
-    the guide's draw of z_0), and extra queries between the points leave them unchanged
-    (RNN-dt, RNN-VAE: exactly; ODE-RNN with its ODE at zero: exactly)."""
+    each of the guide's draws of z_0); for the RNN-dt and the ODE-RNN (its ODE at zero)
+    extra queries between the points leave them unchanged."""
     config = CONFIGS[name]
     x, lengths, dt = _batch()
     params = _params(config, x, lengths, dt)

@@ -125,17 +125,10 @@ def solve(f, z0: Array, times: Array, config: LatentODEConfig, log_rate=None):
     return jax.vmap(one)(z0, times)
 
 
-_UNROLLED_EULER_STEPS = 4
-
-
 def euler(f, h: Array, gap: Array, steps: int) -> Array:
     """h [B, H] carried over ``gap`` [B] (negative: backward in time) by ``steps`` Euler
     steps of dh/dt = f(h)."""
     step = (gap / steps)[:, None]
-    if steps <= _UNROLLED_EULER_STEPS:  # a loop of so few steps costs more than its body
-        for _ in range(steps):
-            h = h + step * f(h)
-        return h
     return jax.lax.fori_loop(0, steps, lambda _, h: h + step * f(h), h)
 
 

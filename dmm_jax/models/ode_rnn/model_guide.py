@@ -15,13 +15,8 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
-from dmm_jax.models.common import (
-    bound_networks,
-    observed_entries,
-    registered_networks,
-    sequence_mask,
-)
-from dmm_jax.models.latent_ode.networks import series_inputs, series_times
+from dmm_jax.models.common import bound_networks, registered_networks, sequence_mask
+from dmm_jax.models.latent_ode.networks import series_inputs
 from dmm_jax.models.ode_rnn.networks import networks, step_ahead_means
 
 Array = jax.Array
@@ -75,9 +70,8 @@ def predict(
     del key
     batch, num_steps, obs_dim = x.shape
     num_queries = query_times.shape[1]
-    x, present = observed_entries(x)
+    times, x, present = series_inputs(x, dt, None)
     real = sequence_mask(lengths, num_steps)
-    times = series_times(dt, batch, num_steps)
     last = jnp.maximum(jnp.max(query_times, 1), jnp.max(jnp.where(real, times, -jnp.inf), 1))
     # By time, then padding last, then queries before observations (they come first here):
     # each query is predicted before an observation at its time is read.

@@ -60,7 +60,7 @@ def step_ahead_means(nets: dict, x: Array, present: Array, times: Array, mask: A
     """
     batch = x.shape[0]
     h0 = jnp.zeros((batch, config.rnn_dim), x.dtype)
-    step_inputs = jnp.concatenate([jnp.where(present, x, 0.0), present.astype(x.dtype)], -1)
+    step_inputs = jnp.concatenate([x, present.astype(x.dtype)], -1)
     observed = jnp.any(present, axis=-1) & mask
 
     def ode_rnn_step(carry, inputs):
