@@ -57,7 +57,9 @@ class LatentODEConfig(_RealValued):
     poisson: bool = option(False, "also score the observation times (a Poisson process)")
     rtol: float = option(1e-3, "relative tolerance of the adaptive solver")
     atol: float = option(1e-4, "absolute tolerance of the adaptive solver")
-    max_solver_steps: int = 4096
+    max_solver_steps: int = option(
+        512, "most accepted solver steps per batch (more: the update is dropped as non-finite)"
+    )
     input_dim: int = 0
     use_dt: bool = False
 

@@ -128,9 +128,8 @@ def test_poisson_likelihood_with_a_constant_rate_is_n_log_rate_minus_rate_times_
     times = series_times(dt, *x.shape[:2])
     config = dataclasses.replace(CONFIGS["latent-ode-poisson"], rtol=1e-7, atol=1e-9)
     z0 = jnp.ones((3, config.z_dim))
-    path, cumulative = solve(
-        lambda z: -0.3 * z, z0, times, config, lambda z: jnp.full(2, np.log(rate))
-    )
+    constant = lambda _, z: jnp.full((*z.shape[:-1], 2), np.log(rate))
+    path, cumulative = solve(lambda _, z: -0.3 * z, (), z0, times, config, constant)
     mask = jnp.arange(6)[None] < lengths[:, None]
     got = poisson_log_likelihood(jnp.full(x.shape, np.log(rate)), cumulative, present, mask)
     for b in range(3):
@@ -152,12 +151,15 @@ def test_poisson_latent_ode_adds_the_likelihood_of_the_observation_times(key):
     _, guide_key = jax.random.split(key)
     seeded = handlers.seed(handlers.substitute(latent_ode.guide, data=params), guide_key)
     z0 = seeded(x, lengths, config=config, dt=dt)
-    f = _apply(params, "ode", latent_ode.networks.ode_function(config))
-    log_rate = _apply(params, "intensity", latent_ode.networks.ODEFunction(2, config.units))
+    nets = latent_ode.networks
+    weights = {"ode": params["ode$params"], "intensity": params["intensity$params"]}
+    f = nets.module_field(nets.ode_function(config), "ode")
+    log_rate = nets.module_field(nets.ODEFunction(2, config.units), "intensity")
     times = series_times(dt, *x.shape[:2])
-    path, cumulative = solve(f, z0, times, config, log_rate)
+    path, cumulative = solve(f, weights, z0, times, config, log_rate)
     mask = jnp.arange(6)[None] < lengths[:, None]
-    times_log_lik = poisson_log_likelihood(log_rate(path), cumulative, ~jnp.isnan(x), mask)
+    log_rates = log_rate(weights, path)
+    times_log_lik = poisson_log_likelihood(log_rates, cumulative, ~jnp.isnan(x), mask)
     np.testing.assert_allclose(with_times, values_only + times_log_lik, rtol=1e-5)
 
 

@@ -54,7 +54,7 @@ def test_solve_of_a_linear_ode_equals_the_matrix_exponential():
     config = dataclasses.replace(CONFIG, rtol=1e-7, atol=1e-9)
     times = jnp.array([[0.0, 0.4, 1.3, 2.0, 2.0], [0.5, 0.6, 0.7, 3.0, 4.5]])
     z0 = jnp.array([[1.0, 0.0, -1.0], [0.3, 2.0, 0.5]])
-    got = solve(lambda z: z @ a.T, z0, times, config)
+    got = solve(lambda _, z: z @ a.T, (), z0, times, config)
     for b in range(2):
         for i, t in enumerate(times[b]):
             want = expm(a * (t - times[b, 0])) @ z0[b]

@@ -26,6 +26,13 @@ def registered_networks(networks: dict) -> dict:
     }
 
 
+def registered_params(name: str, module, *example, **kwargs):
+    """The parameters of ``module``, registered with NumPyro as the site "<name>$params" the
+    way ``flax_module`` registers them, for functions that take parameters explicitly (a
+    ``jax.custom_vjp`` cannot differentiate parameters captured in a closure)."""
+    return flax_module(name, module, *example, **kwargs).args[0]  # partial(apply, params)
+
+
 def bound_networks(networks: dict, params: dict) -> dict:
     """The same modules bound to trained ``params`` (outside a NumPyro model)."""
     return {

@@ -22,12 +22,13 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 from dmm_jax.continuous_config import LatentODEConfig
-from dmm_jax.models.common import sequence_mask
+from dmm_jax.models.common import registered_params, sequence_mask
 from dmm_jax.models.latent_ode.networks import (
     GaussianHead,
     ODEFunction,
     decoder,
     encode,
+    module_field,
     ode_function,
     poisson_log_likelihood,
     series_inputs,
@@ -52,7 +53,8 @@ def model(
     del inputs, steps
     batch, num_steps, _ = x.shape
     times, x, present = series_inputs(x, dt, obs_mask)
-    f = flax_module("ode", ode_function(config), input_shape=(1, config.z_dim))
+    ode = ode_function(config)
+    params = {"ode": registered_params("ode", ode, input_shape=(1, config.z_dim))}
     decode = flax_module("decoder", decoder(config), input_shape=(1, config.z_dim))
     mask = sequence_mask(lengths, num_steps)
     with numpyro.plate("sequences", batch):
@@ -61,12 +63,17 @@ def model(
             z0 = numpyro.sample("z", prior)
         if config.poisson:
             intensity = ODEFunction(config.obs_dim, config.units)  # z -> log lambda
-            log_rate = flax_module("intensity", intensity, input_shape=(1, config.z_dim))
-            path, cumulative_rate = solve(f, z0, times, config, log_rate)
-            times_log_lik = poisson_log_likelihood(log_rate(path), cumulative_rate, present, mask)
+            shape = (1, config.z_dim)
+            params["intensity"] = registered_params("intensity", intensity, input_shape=shape)
+            log_rate = module_field(intensity, "intensity")
+            path, cumulative_rate = solve(
+                module_field(ode, "ode"), params, z0, times, config, log_rate
+            )
+            log_rates = log_rate(params, path)
+            times_log_lik = poisson_log_likelihood(log_rates, cumulative_rate, present, mask)
             numpyro.factor("observation_times", times_log_lik)
         else:
-            path = solve(f, z0, times, config)
+            path = solve(module_field(ode, "ode"), params, z0, times, config)
         emission = dist.Normal(decode(path), config.obs_std)
         numpyro.sample("x", emission.mask(present).to_event(1).mask(mask).to_event(1), obs=x)
     return path

@@ -14,13 +14,13 @@ at t_0 and gives q(z_0). Weights start as the reference's: N(0, 0.1^2), zero bia
 
 from __future__ import annotations
 
-import diffrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dmm_jax.continuous_config import LatentODEConfig
 from dmm_jax.models.common import observed_entries
+from dmm_jax.odeint import odeint
 
 Array = jax.Array
 
@@ -93,36 +93,33 @@ def series_times(dt: Array | None, batch: int, num_steps: int) -> Array:
     return jnp.cumsum(dt, axis=1)
 
 
-def solve(f, z0: Array, times: Array, config: LatentODEConfig, log_rate=None):
-    """z(t) [B, T, Z] at every series' own times from z(times[:, 0]) = z0 [B, Z], each series
-    solved by adaptive Dopri5 (rtol, atol of the config) and differentiated through the
-    solver's steps. Repeated times (padding) are allowed.
+def solve(f, params, z0: Array, times: Array, config: LatentODEConfig, log_rate=None):
+    """z(t) [B, T, Z] at every series' own times from z(times[:, 0]) = z0 [B, Z], for
+    dz/dt = f(params, z): adaptive Dormand-Prince at the config's rtol and atol, all series
+    in one solve, differentiated through the solver's steps (``dmm_jax.odeint``). Repeated
+    times (padding) are allowed.
 
-    Given ``log_rate`` (z -> log lambda(z) [D]), the state carries the integral of lambda
-    from t_0 as well, and the result is (z(t), that integral [B, T, D]).
+    Given ``log_rate`` ((params, z) -> log lambda(z) [D]), the state carries the integral of
+    lambda from t_0 as well, and the result is (z(t), that integral [B, T, D]).
     """
+    settings = {"rtol": config.rtol, "atol": config.atol, "max_steps": config.max_solver_steps}
     if log_rate is None:
-        term = diffrax.ODETerm(lambda t, z, args: f(z))
-    else:
-        term = diffrax.ODETerm(lambda t, y, args: (f(y[0]), jnp.exp(log_rate(y[0]))))
-    controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
+        return odeint(f, params, z0, times, **settings)
+    z_dim = z0.shape[-1]
 
-    def one(z0_b, ts):
-        y0 = z0_b if log_rate is None else (z0_b, jnp.zeros(config.obs_dim, z0_b.dtype))
-        solution = diffrax.diffeqsolve(
-            term,
-            diffrax.Dopri5(),
-            t0=ts[0],
-            t1=ts[-1],
-            dt0=None,
-            y0=y0,
-            saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=controller,
-            max_steps=config.max_solver_steps,
-        )
-        return solution.ys
+    def field(p, y):
+        z = y[..., :z_dim]
+        return jnp.concatenate([f(p, z), jnp.exp(log_rate(p, z))], axis=-1)
 
-    return jax.vmap(one)(z0, times)
+    y0 = jnp.concatenate([z0, jnp.zeros((*z0.shape[:-1], config.obs_dim), z0.dtype)], axis=-1)
+    path = odeint(field, params, y0, times, **settings)
+    return path[..., :z_dim], path[..., z_dim:]
+
+
+def module_field(module: nn.Module, name: str):
+    """(params, z) -> ``module``(z) with the weights ``params[name]``: an ``f`` or ``log_rate``
+    of :func:`solve`."""
+    return lambda params, z: module.apply({"params": params[name]}, z)
 
 
 def euler(f, h: Array, gap: Array, steps: int) -> Array:

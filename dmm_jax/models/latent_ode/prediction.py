@@ -14,7 +14,12 @@ from numpyro import handlers
 
 from dmm_jax.continuous_config import LatentODEConfig
 from dmm_jax.models.latent_ode.model_guide import guide
-from dmm_jax.models.latent_ode.networks import decoder, ode_function, solve
+from dmm_jax.models.latent_ode.networks import (
+    decoder,
+    module_field,
+    ode_function,
+    solve,
+)
 
 Array = jax.Array
 
@@ -32,8 +37,8 @@ def posterior_z0(params: dict, key: Array, config: LatentODEConfig, x, lengths, 
 def decode_path(params: dict, config: LatentODEConfig, z0: Array, query_times: Array) -> Array:
     """The decoder's mean [B, T_q, D] along the path from z0 [B, Z] at ``query_times``
     [B, T_q] (non-decreasing; the first is each series' start time t_0)."""
-    f = ode_function(config)
-    path = solve(lambda z: f.apply({"params": params["ode$params"]}, z), z0, query_times, config)
+    f = module_field(ode_function(config), "ode")
+    path = solve(f, {"ode": params["ode$params"]}, z0, query_times, config)
     return decoder(config).apply({"params": params["decoder$params"]}, path)
 
 
