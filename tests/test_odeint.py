@@ -83,6 +83,7 @@ def test_too_few_steps_give_nan_not_a_wrong_path():
     got = odeint(linear, A * 50, Y0, TIMES, max_steps=3)
     assert jnp.isnan(got).all()  # a loss from it is NaN: the training update is dropped
     assert jnp.isfinite(odeint(linear, A * 50, Y0, TIMES)).all()
+    assert jnp.isnan(odeint(lambda a, y: y @ a.T, A * jnp.nan, Y0, TIMES)).all()
 
 
 def test_vmap_over_draws_equals_one_solve_per_draw():
