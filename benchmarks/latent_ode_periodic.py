@@ -17,8 +17,7 @@ trains with Adamax on its own objective (per series the reconstruction log-densi
 over points and draws, minus the KL averaged over latent dimensions, then a log-sum-exp over
 the series of the batch), dmm_jax with Adam on the ELBO summed over points, KL annealed
 linearly from 0.01 over the run (the reference: 0 for 10 epochs, then 1 - 0.99^(epoch -
-10)). The reference's encoder steps through the batch's union of time points with masks;
-dmm_jax's through each series' own observed points and its start time.
+10)).
 
     taskset -c 0 python benchmarks/latent_ode_periodic.py --epochs 30 --reference DIR --out F
 

@@ -151,17 +151,9 @@ def test_subsample_keeps_time_points_with_any_feature_and_needs_an_rng():
     kept = task.observed.mask.any(axis=2).sum(axis=1)
     np.testing.assert_array_equal(kept, [3, 2, 2])  # fewer than 3: all kept
     assert task.targets is series and task.truth is series
-    observed = task.observed
-    for i in range(series.num_series):  # each kept point is a point of the series, in order
-        real = slice(0, observed.lengths[i])
-        np.testing.assert_array_equal(observed.t[i, 0], series.t[i, 0])  # the start stays
-        assert np.all(np.diff(observed.t[i, real]) > 0)
-        at = np.searchsorted(series.t[i, : series.lengths[i]], observed.t[i, real])
-        np.testing.assert_array_equal(observed.t[i, real], series.t[i, at])
-        seen = observed.mask[i, real]
-        np.testing.assert_array_equal(observed.x[i, real][seen], series.x[i, at][seen])
-        # Only the start may hold nothing observed: other slots are kept points.
-        assert observed.mask[i, 1 : observed.lengths[i]].any(axis=1).all()
+    np.testing.assert_array_equal(task.observed.t, series.t)  # the time slots stay
+    kept = task.observed.mask
+    np.testing.assert_array_equal(task.observed.x[kept], series.x[kept])
 
 
 def test_periodic_shapes_grid_and_splits():
@@ -231,18 +223,13 @@ def test_periodic_subsample_keeps_exactly_k_points_per_series():
     for task in data.values():
         observed, truth = task.observed, task.truth
         np.testing.assert_array_equal(observed.mask.sum(axis=(1, 2)), 10)
-        # 10 points, and the start (t = 0) where it was not one of them.
-        np.testing.assert_array_equal(observed.lengths, 10 + ~observed.mask[:, 0, 0])
-        np.testing.assert_array_equal(observed.t[:, 0], 0.0)
-        at = np.searchsorted(truth.t[0], observed.t)  # one grid for every series
-        seen = observed.mask[..., 0]
-        rows = np.arange(truth.num_series)[:, None]
-        np.testing.assert_array_equal(observed.x[seen], truth.x[rows, at][seen])
+        np.testing.assert_array_equal(observed.t, truth.t)
+        np.testing.assert_array_equal(observed.x[observed.mask], truth.x[observed.mask])
         assert task.targets.num_observed == truth.num_observed == 100 * truth.num_series
-    picked = data["train"].observed.t
+    picked = data["train"].observed.mask[..., 0]
     assert len({row.tobytes() for row in picked}) == len(picked)  # each series its own points
     again = periodic_dataset(n=50, subsample=10, seed=5)
-    np.testing.assert_array_equal(again["train"].observed.t, data["train"].observed.t)
+    np.testing.assert_array_equal(again["train"].observed.mask, data["train"].observed.mask)
 
 
 def test_periodic_extrapolation_observes_the_first_half_and_targets_the_second():
@@ -255,11 +242,9 @@ def test_periodic_extrapolation_observes_the_first_half_and_targets_the_second()
         midpoint = truth.t[:, -1] / 2  # every series starts at 0
         assert (last_seen < midpoint).all() and (midpoint <= first_target).all()
         np.testing.assert_array_equal(observed.mask.sum(axis=(1, 2)), 20)
-        assert (observed.lengths <= 21).all()
         # Without the subsample, the two halves are the whole series.
-        whole = split_observed_targets(truth, "extrapolate")
-        assert (whole.observed.lengths + targets.lengths == truth.lengths).all()
-        assert targets.num_observed + whole.observed.num_observed == truth.num_observed
+        assert (observed.lengths + targets.lengths == truth.lengths).all()
+        assert targets.num_observed + observed.lengths.sum() == truth.num_observed
 
 
 def test_periodic_refuses_bad_arguments():

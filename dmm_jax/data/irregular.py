@@ -156,10 +156,9 @@ def split_observed_targets(
             code cuts its one shared grid at index T // 2, near the midpoint for uniform times;
             the midpoint also serves series with their own times and lengths.)
         subsample: if set, each series keeps ``subsample`` random observed time points of
-            ``observed`` (all of them if it has fewer), packed from slot 0, after its first
-            slot (its start time, NaN where that point was not kept): an encoder reads only
-            what was observed. The reference code redraws this every time it forms a batch;
-            call again with a fresh ``rng`` to do the same.
+            ``observed`` (all of them if it has fewer) and the others become NaN; the time slots
+            stay. The reference code redraws this every time it forms a batch; call again with
+            a fresh ``rng`` to do the same.
         rng: a ``numpy.random.Generator`` or seed; required with ``subsample``.
     """
     if mode not in MODES:
@@ -257,9 +256,7 @@ def _window(series: IrregularSeries, start: np.ndarray, lengths: np.ndarray) -> 
 
 
 def _subsample(series: IrregularSeries, k: int, rng: np.random.Generator) -> IrregularSeries:
-    """Keeps k random observed time points per series (a point: any feature observed), moved
-    to the front in time order. The series' first slot stays as well (all NaN if it was not
-    chosen): its time is where the series starts, from which predictions are made."""
+    """Keeps k random observed time points per series (a point: any feature observed)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"subsample must be a whole number of points >= 1, got {k!r}")
     observed = series.mask.any(axis=2)  # [N, T]
@@ -269,15 +266,7 @@ def _subsample(series: IrregularSeries, k: int, rng: np.random.Generator) -> Irr
     keep = np.zeros_like(observed)
     np.put_along_axis(keep, chosen, True, axis=1)
     keep &= observed  # a series with fewer than k observed points keeps them all
-    values = np.where(keep[..., None], series.x, np.nan)
-    slots = keep.copy()
-    slots[:, 0] = True
-    lengths = slots.sum(axis=1)
-    # Kept slots first, in time order: the slots with nothing observed are not carried.
-    index = np.argsort(~slots, axis=1, kind="stable")[:, : lengths.max()]
-    t = np.take_along_axis(series.t, index, axis=1)
-    x = np.take_along_axis(values, index[..., None], axis=1)
-    return IrregularSeries(t, x, lengths.astype(np.int32))  # the constructor re-pads
+    return IrregularSeries(series.t, np.where(keep[..., None], series.x, np.nan), series.lengths)
 
 
 def _numeric(value, name: str, ndim: int, kinds: str, source: str) -> np.ndarray:
