@@ -220,10 +220,11 @@ def odeint(
     def at(buffer, index):  # buffer [K + 1, B, S], index [B, T] -> [B, T, S]
         return jnp.take_along_axis(jnp.swapaxes(buffer, 0, 1), index[..., None], axis=1)
 
-    y0_, y1, f0, f1, mid = at(ys, k), at(ys, k + 1), at(fs, k), at(fs, k + 1), at(mids, k)
-    # The quartic through y0_, mid, y1 with slopes f0, f1 at the ends, in x = (t - t_k) / h.
-    c4 = 2 * h * (f1 - f0) - 8 * (y1 + y0_) + 16 * mid
-    c3 = h * (5 * f0 - 3 * f1) + 18 * y0_ + 14 * y1 - 32 * mid
-    c2 = h * (f1 - 4 * f0) - 11 * y0_ - 5 * y1 + 16 * mid
-    path = y0_ + x * (h * f0 + x * (c2 + x * (c3 + x * c4)))
+    y_lo, y_hi, mid = at(ys, k), at(ys, k + 1), at(mids, k)
+    f_lo, f_hi = at(fs, k), at(fs, k + 1)
+    # The quartic through y_lo, mid, y_hi with slopes f_lo, f_hi at its ends, x = (t - t_k) / h.
+    c4 = 2 * h * (f_hi - f_lo) - 8 * (y_hi + y_lo) + 16 * mid
+    c3 = h * (5 * f_lo - 3 * f_hi) + 18 * y_lo + 14 * y_hi - 32 * mid
+    c2 = h * (f_hi - 4 * f_lo) - 11 * y_lo - 5 * y_hi + 16 * mid
+    path = y_lo + x * (h * f_lo + x * (c2 + x * (c3 + x * c4)))
     return jnp.where(n >= 0, path, jnp.nan)

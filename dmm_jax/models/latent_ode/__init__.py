@@ -2,9 +2,9 @@
 Series", NeurIPS 2019): one latent z_0 per series, carried through time by a neural ODE.
 
 ``networks`` holds the ODE function, the encoders (ODE-RNN or RNN, run backward in time) and
-the solve (``dmm_jax.odeint``: adaptive Dormand-Prince, a batch at once); ``model_guide`` the NumPyro model and guide;
-``prediction`` the means at any query times (``predict``; the tasks and their MSE are
-``dmm_jax.models.series_tasks``). The config, ``LatentODEConfig``, lives in
+the solve (``dmm_jax.odeint``: adaptive Dormand-Prince, a batch at once); ``model_guide``
+the NumPyro model and guide; ``prediction`` the means at any query times (``predict``; the
+tasks and their MSE are ``dmm_jax.models.series_tasks``). The config, ``LatentODEConfig``, lives in
 ``dmm_jax.continuous_config`` with the other continuous-time families'.
 """
 
