@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also the particle filter's bound with this many particles (0: not)",
     )
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="sequences per evaluation batch (smaller for long pieces: Nottingham's 1,793 steps)",
+    )
     parser.add_argument("--checkpoint-dir", default=None, help="keep the run here (resumable)")
     parser.add_argument("--resume", action="store_true", help="continue --checkpoint-dir")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate = ["evaluate", "--checkpoint", str(checkpoint), "--split", args.split]
         data = train_setting(train_flags, "data", None)
         evaluate += (["--data", data] if data else []) + (["--best"] if args.best else [])
+        if args.eval_batch_size:
+            evaluate += ["--batch-size", str(args.eval_batch_size)]
         peak, console = run_cli([*evaluate, "--estimator", "is", "--samples", str(args.samples)])
         scores = json.loads(console[console.index("{") :])
         filtered = None
