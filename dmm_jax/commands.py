@@ -62,12 +62,14 @@ def _is_arrays(data: str | None) -> bool:
     return data is not None and data.endswith(".npz")
 
 
-def _real_valued(data: str | None, name: str | None) -> ArrayDataset | None:
-    """The real-valued data set of an ``.npz`` file or the generated periodic series; None
-    for a polyphonic data set."""
+def _real_valued(
+    data: str | None, name: str | None, whole_train: bool = False
+) -> ArrayDataset | None:
+    """The real-valued data set of an ``.npz`` file or the generated periodic series (its
+    training split whole with ``whole_train``); None for a polyphonic data set."""
     if _is_arrays(data):
         return load_arrays(data)
-    return periodic_arrays() if name == "periodic" else None
+    return periodic_arrays(whole_train=whole_train) if name == "periodic" else None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -105,7 +107,9 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"dmm-jax train: {err}") from err
     mesh = _mesh(args)  # a multi-process run must join before anything touches a device
-    dataset = _real_valued(args.data, args.dataset)
+    # An encoder that draws its own context trains on whole periodic series (the reference's
+    # interpolation training); it reads the test split's observed points as before.
+    dataset = _real_valued(args.data, args.dataset, bool(getattr(args, "context_points", 0)))
     if dataset is not None:
         train = dataset.train
         obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None

@@ -28,6 +28,24 @@ def _check(config, positive_ints: tuple[str, ...], positive_floats: tuple[str, .
         raise ValueError(f"{name} takes no control inputs (input_dim must be 0)")
 
 
+def _context_points():
+    """The field of the families whose q(z_0) comes from the backward encoder."""
+    return option(
+        0,
+        "q(z_0) reads at most this many of a series' observed time points, chosen at random "
+        "at every update, while the decoder scores all of them; --dataset periodic then trains "
+        "on whole series (the reference's interpolation training); 0: q reads every point",
+    )
+
+
+def _check_context(config) -> None:
+    if not isinstance(config.context_points, int) or config.context_points < 0:
+        raise ValueError(
+            f"{type(config).__name__}.context_points must be an int >= 0, "
+            f"got {config.context_points!r}"
+        )
+
+
 class _RealValued:
     """What the shared machinery asks of every continuous-time config."""
 
@@ -53,6 +71,7 @@ class LatentODEConfig(_RealValued):
     units: int = option(100, "hidden units of each ODE function's two tanh layers")
     encoder: str = option("ode-rnn", f"q(z_0)'s encoder, one of {LATENT_ODE_ENCODERS}")
     euler_steps: int = option(1, "Euler steps of the ODE-RNN between observations")
+    context_points: int = _context_points()
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
     poisson: bool = option(False, "also score the observation times (a Poisson process)")
     rtol: float = option(1e-3, "relative tolerance of the adaptive solver")
@@ -66,6 +85,7 @@ class LatentODEConfig(_RealValued):
     def __post_init__(self):
         sizes = ("obs_dim", "z_dim", "rnn_dim", "units", "euler_steps", "max_solver_steps")
         _check(self, sizes, ("obs_std", "rtol", "atol"))
+        _check_context(self)
         if self.encoder not in LATENT_ODE_ENCODERS:
             raise ValueError(
                 f"LatentODEConfig.encoder must be one of {LATENT_ODE_ENCODERS}, "
@@ -127,12 +147,14 @@ class RNNVAEConfig(_RealValued):
     rnn_dim: int = option(20, "hidden units of the encoder's GRU")
     decoder_dim: int = option(20, "hidden units of the decoder's GRU")
     units: int = option(100, "hidden units of q(z_0)'s head and the decoder's tanh layer")
+    context_points: int = _context_points()
     obs_std: float = option(0.01, "the Gaussian decoder's fixed scale")
     input_dim: int = 0
     use_dt: bool = False
 
     def __post_init__(self):
         _check(self, ("obs_dim", "z_dim", "rnn_dim", "decoder_dim", "units"), ("obs_std",))
+        _check_context(self)
 
     @property
     def encoder(self) -> str:

@@ -62,11 +62,25 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
             f"DMMConfig.num_iafs={model_config.num_iafs}; use kl='sampled'"
         )
     family = family_of(model_config)
+    bound = {"config": model_config}
+    if draws_in_model(model_config, train_config):
+        bound["draws"] = train_config.particles
     return SVI(
-        functools.partial(family.model, config=model_config),
-        functools.partial(family.guide, config=model_config),
+        functools.partial(family.model, **bound),
+        functools.partial(family.guide, **bound),
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
         training_objective(model_config, train_config),
+    )
+
+
+def draws_in_model(model_config: Any, train_config: TrainConfig) -> bool:
+    """Whether the ELBO's ``particles`` draws go inside one trace of the model and guide (their
+    ``draws`` argument: the same estimator, the shared work done once) rather than in
+    ``particles`` vmapped traces."""
+    return (
+        family_of(model_config).draws_in_model
+        and train_config.objective == "elbo"
+        and train_config.particles > 1
     )
 
 
@@ -84,6 +98,8 @@ def training_objective(model_config: Any, train_config: TrainConfig):
         return ImportanceWeightedELBO(train_config.particles)
     if train_config.kl == "analytic":
         return AnalyticKLTraceELBO()
+    if draws_in_model(model_config, train_config):
+        return Trace_ELBO(num_particles=1)
     return Trace_ELBO(num_particles=train_config.particles)
 
 

@@ -254,3 +254,15 @@ def test_periodic_refuses_bad_arguments():
         periodic_dataset(n=1)
     with pytest.raises(ValueError, match="max_t > 0"):
         periodic_dataset(n=10, max_t=0.0)
+
+
+def test_periodic_arrays_train_on_whole_series_when_asked():
+    from dmm_jax.data.irregular import periodic_arrays
+
+    observed, whole = periodic_arrays(n=20), periodic_arrays(n=20, whole_train=True)
+    assert np.isnan(observed.train.x).sum() == 16 * 50  # 50 of each series' 100 points hidden
+    assert not np.isnan(whole.train.x).any() and whole.train.x.shape == (16, 100, 1)
+    np.testing.assert_array_equal(
+        whole.train.x[~np.isnan(observed.train.x)], observed.train.x[~np.isnan(observed.train.x)]
+    )
+    np.testing.assert_array_equal(whole.test.x, observed.test.x)  # the test split as before

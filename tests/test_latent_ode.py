@@ -2,6 +2,7 @@
 recomputed with one solve per time point and a Python loop over them."""
 
 import dataclasses
+import functools
 import pathlib
 
 import diffrax
@@ -235,3 +236,93 @@ def test_an_irregular_npz_trains_and_evaluates_from_the_command_line(tmp_path, c
     np.testing.assert_allclose(out["test_mse"], expected, rtol=1e-5)
     [png] = out["png"]
     assert pathlib.Path(png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_draws_in_one_trace_are_the_elbo_averaged_over_those_draws(key):
+    """``draws`` = K: the trace's log density (model minus guide) equals the mean over k of
+    the one-draw ELBO at the same z_0[k]; one encoder run, one solve of the K x B paths."""
+    from numpyro.infer.util import log_density
+
+    x, lengths, dt = _batch()
+    config = dataclasses.replace(CONFIG, rtol=1e-6, atol=1e-8)
+    params = _params(config, x, lengths, dt)
+    args, draws = (x, lengths), 4
+    seeded = handlers.seed(handlers.substitute(guide, data=params), key)
+    z0 = seeded(*args, config=config, dt=dt, draws=draws)
+    assert z0.shape == (draws, x.shape[0], CONFIG.z_dim)
+
+    @functools.partial(jax.jit, static_argnames="draws")
+    def elbo(z, draws=1):
+        data, kwargs = {**params, "z": z}, {"config": config, "dt": dt, "draws": draws}
+        return log_density(model, args, kwargs, data)[0] - log_density(guide, args, kwargs, data)[0]
+
+    want = np.mean([elbo(z0[k]) for k in range(draws)])
+    np.testing.assert_allclose(elbo(z0, draws=draws), want, rtol=1e-5)
+
+
+def test_solve_takes_draws_of_z0_as_leading_dims(key):
+    config = dataclasses.replace(CONFIG, rtol=1e-7, atol=1e-9)
+    _, _, dt = _batch()
+    times = series_times(dt, *dt.shape)
+    f = ODEFunction(CONFIG.z_dim, CONFIG.units)
+    params = {"ode": f.init(key, jnp.zeros((1, CONFIG.z_dim)))["params"]}
+    field = lambda p, z: f.apply({"params": p["ode"]}, z)
+    z0 = jax.random.normal(key, (2, dt.shape[0], CONFIG.z_dim))
+    got = solve(field, params, z0, times, config)
+    assert got.shape == (2, *times.shape, CONFIG.z_dim)
+    for k in range(2):
+        want = solve(field, params, z0[k], times, config)
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_context_is_that_many_observed_points_uniformly_at_random(key):
+    from dmm_jax.models.latent_ode.model_guide import context_choice
+
+    present = jnp.zeros((2, 8, 2), bool).at[0, :6, 0].set(True).at[1, :3, 1].set(True)
+    mask = jnp.arange(8)[None] < jnp.array([[5], [8]])  # series 0: its 6th point is padding
+    choose = jax.jit(jax.vmap(lambda k: context_choice(k, present, mask, 3)))
+    chosen = np.asarray(choose(jax.random.split(key, 4000)))
+    np.testing.assert_array_equal(chosen.sum(-1), 3)  # 3 of 5, and all 3 of series 1's 3
+    assert not chosen[:, 0, 5:].any() and not chosen[:, 1, 3:].any()
+    np.testing.assert_allclose(chosen[:, 0, :5].mean(0), 3 / 5, atol=0.03)
+    assert chosen[:, 1, :3].all()
+
+
+def test_a_guide_with_a_context_reads_only_the_chosen_points(key):
+    """Given a series with no more points than the context, q(z_0) is as without one; with
+    fewer, it is q given the points the context chose (recomputed by hiding the others)."""
+    from dmm_jax.models.latent_ode.model_guide import context_choice
+
+    x, lengths, dt = _batch(lengths=(6, 6, 6))
+    params = _params(CONFIG, x, lengths, dt)
+
+    def q(config, x, k=key):
+        seeded = handlers.seed(handlers.substitute(guide, data=params), k)
+        site = handlers.trace(seeded).get_trace(x, lengths, config=config, dt=dt)["z"]
+        return site["fn"].base_dist.loc
+
+    whole = q(CONFIG, x)
+    np.testing.assert_allclose(q(dataclasses.replace(CONFIG, context_points=6), x), whole)
+    small = dataclasses.replace(CONFIG, context_points=2)
+    got = q(small, x)
+    assert not np.allclose(got, whole)
+    # the guide's first use of its key is the context (the seed handler splits it once)
+    _, context_key = jax.random.split(key)
+    present = ~jnp.isnan(x)
+    chosen = context_choice(context_key, present, jnp.ones(x.shape[:2], bool), 2)
+    np.testing.assert_allclose(got, q(CONFIG, jnp.where(chosen[..., None], x, jnp.nan)), rtol=1e-5)
+
+
+def test_training_with_several_particles_puts_the_draws_in_one_trace():
+    from numpyro.infer import Trace_ELBO
+
+    from dmm_jax.config import TrainConfig
+    from dmm_jax.objectives import ImportanceWeightedELBO
+    from dmm_jax.step import build_svi
+
+    svi = build_svi(CONFIG, TrainConfig(particles=3))
+    assert isinstance(svi.loss, Trace_ELBO) and svi.loss.num_particles == 1
+    assert svi.model.keywords["draws"] == svi.guide.keywords["draws"] == 3
+    iwae = build_svi(CONFIG, TrainConfig(particles=3, objective="iwae"))  # needs each draw's weight
+    assert isinstance(iwae.loss, ImportanceWeightedELBO) and "draws" not in iwae.model.keywords
+    assert "draws" not in build_svi(CONFIG, TrainConfig(particles=1)).model.keywords

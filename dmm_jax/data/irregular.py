@@ -366,18 +366,22 @@ def series_dataset(series: IrregularSeries, name: str, source: str):
     return ArrayDataset(name, source, **splits)
 
 
-def periodic_arrays(subsample: int | None = 50, seed: int = 1991, n: int = 1000):
+def periodic_arrays(
+    subsample: int | None = 50, seed: int = 1991, n: int = 1000, whole_train: bool = False
+):
     """The periodic toy data (:func:`periodic_dataset`, interpolation) as an ``ArrayDataset``:
-    ``train`` the observed points of the first 80% of the series, ``test`` those of the rest
-    (the reference code has no validation split)."""
+    ``train`` the observed points of the first 80% of the series (``whole_train``: all their
+    points, for an encoder that draws its own context, ``LatentODEConfig.context_points``),
+    ``test`` the observed points of the rest (the reference code has no validation split)."""
     from dmm_jax.data.arrays import ArrayDataset
 
     tasks = periodic_dataset(n=n, subsample=subsample, seed=seed)
     source = f"generated (n={n}, subsample={subsample}, seed={seed})"
+    train = tasks["train"].truth if whole_train else tasks["train"].observed
     return ArrayDataset(
         "periodic",
         source,
-        as_sequence_arrays(tasks["train"].observed, f"{source} (train)"),
+        as_sequence_arrays(train, f"{source} (train{', whole series' if whole_train else ''})"),
         None,
         as_sequence_arrays(tasks["test"].observed, f"{source} (test)"),
     )

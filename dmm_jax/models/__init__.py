@@ -56,6 +56,10 @@ class ModelFamily:
     [S, B, T_q, D] of a continuous-time family at any times (``dmm_jax.models.series_tasks``),
     or None.
 
+    draws_in_model: the model and guide take ``draws`` = K and average the ELBO over K draws
+    of the latents inside one trace (the Latent ODE: one encoder run, one solve of every
+    draw's paths); training with the ELBO over K particles then uses it.
+
     split_metrics: ``(params, key, config, split) -> {name: value}``, figures that ``fit`` adds
     to each evaluation of a split as ``<split>_<name>`` (the continuous-time families'
     interpolation ``mse``), or None.
@@ -68,6 +72,7 @@ class ModelFamily:
     generation: Any = None
     particle_filter: Callable | None = None
     predict: Callable | None = None
+    draws_in_model: bool = False
 
     @property
     def split_metrics(self) -> Callable | None:
@@ -104,6 +109,7 @@ FAMILIES: dict[str, ModelFamily] = {
             latent_ode.model,
             latent_ode.guide,
             predict=latent_ode.predict,
+            draws_in_model=True,
         ),
         *(
             ModelFamily(

@@ -9,9 +9,16 @@ The times of a series come from ``dt`` (``dt[:, 0]`` is its first time), so the 
 on the same padded batches as the others: ``x`` [B, T, D] with NaN (or ``obs_mask`` False)
 where an entry was not observed, ``lengths`` [B]. The latent site "z" holds z_0 [B, Z]; the
 annealing factor scales its log densities (KL annealing) as for the other families.
+
+``draws`` = K > 1 puts K draws of z_0 per series in one trace (a plate "draws" of dim -2, z_0
+[K, B, Z]) with every site scaled by 1/K: the ELBO averaged over K draws, as
+``Trace_ELBO(num_particles=K)`` gives, but with the encoder run once and the K x B paths
+solved together (training with ``TrainConfig.particles`` = K does this).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import flax.linen as nn
 import jax
@@ -48,8 +55,10 @@ def model(
     dt: Array | None = None,
     obs_mask: Array | None = None,
     steps=None,  # the batch's real steps: every step is solved, nothing to skip
+    draws: int = 1,
 ):
-    """p(x, z_0) for each series of the batch; returns the latent path z(t) [B, T, Z]."""
+    """p(x, z_0) for each series of the batch; returns the latent path z(t) [B, T, Z]
+    ([draws, B, T, Z] with more than one draw)."""
     del inputs, steps
     batch, num_steps, _ = x.shape
     times, x, present = series_inputs(x, dt, obs_mask)
@@ -57,7 +66,7 @@ def model(
     params = {"ode": registered_params("ode", ode, input_shape=(1, config.z_dim))}
     decode = flax_module("decoder", decoder(config), input_shape=(1, config.z_dim))
     mask = sequence_mask(lengths, num_steps)
-    with numpyro.plate("sequences", batch):
+    with numpyro.plate("sequences", batch), draws_plate(draws):
         with handlers.scale(scale=annealing_factor):
             prior = dist.Normal(jnp.zeros((batch, config.z_dim)), 1.0).to_event(1)
             z0 = numpyro.sample("z", prior)
@@ -89,11 +98,19 @@ def guide(
     dt: Array | None = None,
     obs_mask: Array | None = None,
     steps=None,
+    draws: int = 1,
 ):
-    """q(z_0 | x) from the encoder run backward over each series; returns z_0 [B, Z]."""
+    """q(z_0 | x) from the encoder run backward over each series; returns z_0 [B, Z]
+    ([draws, B, Z] with more than one draw; the encoder runs once). With
+    ``config.context_points`` the encoder reads a random subset of each series' points,
+    one for all draws, drawn from the guide's PRNG key."""
     del inputs, steps
     batch, num_steps, obs_dim = x.shape
     times, x, present = series_inputs(x, dt, obs_mask)
+    mask = sequence_mask(lengths, num_steps)
+    if config.context_points:
+        chosen = context_choice(numpyro.prng_key(), present, mask, config.context_points)
+        present = present & chosen[..., None]
     hidden = config.rnn_dim
     gru_in = 2 * obs_dim + (1 if config.encoder == "rnn" else 0)
     nets = {
@@ -106,7 +123,35 @@ def guide(
             "encoder_ode", ODEFunction(hidden, config.units), input_shape=(1, hidden)
         )
     head = flax_module("z0_head", GaussianHead(config.z_dim, config.units), input_shape=(1, hidden))
-    h = encode(nets, x, present, times, sequence_mask(lengths, num_steps), config)
+    h = encode(nets, x, present, times, mask, config)
     loc, scale = head(h)
-    with numpyro.plate("sequences", batch), handlers.scale(scale=annealing_factor):
+    with (
+        numpyro.plate("sequences", batch),
+        draws_plate(draws),
+        handlers.scale(scale=annealing_factor),
+    ):
         return numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def context_choice(key: Array, present: Array, mask: Array, points: int) -> Array:
+    """[B, T] bool: ``points`` time points of each series chosen uniformly without
+    replacement among those where something is observed (all of them where there are fewer).
+    ``present`` [B, T, D], ``mask`` [B, T] (False: padding)."""
+    if key is None:
+        raise ValueError("LatentODEConfig.context_points needs a PRNG key (run under a seed)")
+    candidates = jnp.any(present, axis=-1) & mask
+    scores = jnp.where(candidates, jax.random.uniform(key, candidates.shape), jnp.inf)
+    rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+    return candidates & (rank < points)
+
+
+def draws_plate(draws: int):
+    """Nothing for one draw; for more, a plate "draws" (dim -2) whose sites count 1/draws."""
+    if draws == 1:
+        return contextlib.nullcontext()
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    stack = contextlib.ExitStack()
+    stack.enter_context(handlers.scale(scale=1.0 / draws))
+    stack.enter_context(numpyro.plate("draws", draws, dim=-2))
+    return stack

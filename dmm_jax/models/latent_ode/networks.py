@@ -62,10 +62,11 @@ def poisson_log_likelihood(
 
     summed over features. ``log_rate`` [B, T, D] at the series' times, ``cumulative_rate``
     [B, T, D] the integral from t_0 to each time (padding repeats the last time, so the last
-    column is the whole integral), ``present`` [B, T, D], ``mask`` [B, T]."""
+    column is the whole integral), ``present`` [B, T, D], ``mask`` [B, T]; leading dims of
+    ``log_rate`` and ``cumulative_rate`` (draws) carry through."""
     events = present & mask[..., None]
-    return jnp.sum(jnp.where(events, log_rate, 0.0), axis=(1, 2)) - jnp.sum(
-        cumulative_rate[:, -1], axis=-1
+    return jnp.sum(jnp.where(events, log_rate, 0.0), axis=(-2, -1)) - jnp.sum(
+        cumulative_rate[..., -1, :], axis=-1
     )
 
 
@@ -94,14 +95,21 @@ def series_times(dt: Array | None, batch: int, num_steps: int) -> Array:
 
 
 def solve(f, params, z0: Array, times: Array, config: LatentODEConfig, log_rate=None):
-    """z(t) [B, T, Z] at every series' own times from z(times[:, 0]) = z0 [B, Z], for
-    dz/dt = f(params, z): adaptive Dormand-Prince at the config's rtol and atol, all series
-    in one solve, differentiated through the solver's steps (``dmm_jax.odeint``). Repeated
-    times (padding) are allowed.
+    """z(t) [..., B, T, Z] at every series' own times from z(times[:, 0]) = z0 [..., B, Z],
+    for dz/dt = f(params, z): adaptive Dormand-Prince at the config's rtol and atol, all
+    series in one solve, differentiated through the solver's steps (``dmm_jax.odeint``).
+    Repeated times (padding) are allowed. Leading dims of ``z0`` (draws of z_0) share the
+    series' ``times`` [B, T] and join the one solve.
 
     Given ``log_rate`` ((params, z) -> log lambda(z) [D]), the state carries the integral of
-    lambda from t_0 as well, and the result is (z(t), that integral [B, T, D]).
+    lambda from t_0 as well, and the result is (z(t), that integral [..., B, T, D]).
     """
+    if z0.ndim > 2:  # one solve of every draw's series: one step size, batched arithmetic
+        leading = z0.shape[:-2]
+        flat_times = jnp.broadcast_to(times, (*leading, *times.shape)).reshape(-1, times.shape[1])
+        out = solve(f, params, z0.reshape(-1, z0.shape[-1]), flat_times, config, log_rate)
+        unflat = lambda a: a.reshape(*leading, *times.shape, a.shape[-1])
+        return jax.tree.map(unflat, out)
     settings = {"rtol": config.rtol, "atol": config.atol, "max_steps": config.max_solver_steps}
     if log_rate is None:
         return odeint(f, params, z0, times, **settings)

@@ -25,18 +25,16 @@ Array = jax.Array
 
 
 def posterior_z0(params: dict, key: Array, config: LatentODEConfig, x, lengths, dt, samples: int):
-    """``samples`` draws of z_0 from q(z_0 | x) per series, [S, B, Z]."""
-
-    def draw(k):
-        seeded = handlers.seed(handlers.substitute(guide, data=params), k)
-        return seeded(x, lengths, config=config, dt=dt)
-
-    return jax.vmap(draw)(jax.random.split(key, samples))
+    """``samples`` draws of z_0 from q(z_0 | x) per series, [S, B, Z] (the encoder runs once)."""
+    seeded = handlers.seed(handlers.substitute(guide, data=params), key)
+    z0 = seeded(x, lengths, config=config, dt=dt, draws=samples)
+    return z0 if samples > 1 else z0[None]
 
 
 def decode_path(params: dict, config: LatentODEConfig, z0: Array, query_times: Array) -> Array:
-    """The decoder's mean [B, T_q, D] along the path from z0 [B, Z] at ``query_times``
-    [B, T_q] (non-decreasing; the first is each series' start time t_0)."""
+    """The decoder's mean [..., B, T_q, D] along the path from z0 [..., B, Z] at
+    ``query_times`` [B, T_q] (non-decreasing; the first is each series' start time t_0); the
+    leading dims (draws) are solved together."""
     f = module_field(ode_function(config), "ode")
     path = solve(f, {"ode": params["ode$params"]}, z0, query_times, config)
     return decoder(config).apply({"params": params["decoder$params"]}, path)
@@ -56,4 +54,4 @@ def predict(
     """Predicted means [S, B, T_q, D] at ``query_times`` given the observed ``x`` [B, T, D]
     (NaN: not observed) at the times of ``dt`` [B, T], one per draw of z_0."""
     z0 = posterior_z0(params, key, config, x, lengths, dt, samples)
-    return jax.vmap(lambda z: decode_path(params, config, z, query_times))(z0)
+    return decode_path(params, config, z0, query_times)
