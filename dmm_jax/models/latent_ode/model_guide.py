@@ -138,7 +138,7 @@ def context_choice(key: Array, present: Array, mask: Array, points: int) -> Arra
     replacement among those where something is observed (all of them where there are fewer).
     ``present`` [B, T, D], ``mask`` [B, T] (False: padding)."""
     if key is None:
-        raise ValueError("LatentODEConfig.context_points needs a PRNG key (run under a seed)")
+        raise ValueError("context_points needs a PRNG key: run the guide under a seed handler")
     candidates = jnp.any(present, axis=-1) & mask
     scores = jnp.where(candidates, jax.random.uniform(key, candidates.shape), jnp.inf)
     rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
