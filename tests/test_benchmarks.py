@@ -184,3 +184,12 @@ def test_quality_trains_scores_and_names_its_result_file(tmp_path, capsys):
     assert result["is_nll_per_step"] <= result["bound_nll_per_step"]
     assert result["pf_nll_per_step"] < result["bound_nll_per_step"]
     assert result["command"].startswith("python benchmarks/quality.py --config tiny-nade")
+
+
+def test_ode_function_flops_counts_every_evaluation_of_the_chain():
+    row = load_benchmark("ode_function_flops").measure(batch=4, z_dim=3, units=8, repeats=2)
+    flops = 2 * 4 * (3 * 8 + 8 * 8 + 8 * 3)
+    for name, passes in (("forward", 1), ("gradient", 3)):
+        seconds = row[f"{name}_microseconds"] * 1e-6
+        assert seconds > 0
+        assert math.isclose(row[f"{name}_gflops_per_s"], passes * flops / seconds / 1e9)
