@@ -2,10 +2,13 @@
 
 Both train the same model at the reference's settings for its periodic command
 (``run_models.py --niters E -n 1000 -s 50 -l 10 --dataset periodic --latent-ode
---noise-weight 0.01``): 800 training series of 100 points with 50 observed, batches of 50,
-learning rate 1e-2 decayed by 0.999 per update, latent size 10, ODE-RNN encoder of 20, ODE
-networks of 100 units, decoder noise 0.01, the test split scored after every epoch. Each side
-draws its own data from the same distribution (the reference generates it inside its script).
+--noise-weight 0.01``): 800 training series of 100 points, batches of 50, learning rate
+1e-2 decayed by 0.999 per update, latent size 10, ODE-RNN encoder of 20, ODE networks of 100
+units, decoder noise 0.01, the test split scored after every epoch. As the reference's ``-s
+50``, the encoder reads 50 random points of each whole training series, drawn afresh at every
+update, and the decoder scores all 100 (``--context-points 50``; 0 trains on a fixed 50
+observed points per series instead). Each side draws its own data from the same distribution
+(the reference generates it inside its script).
 Reported per side: the median seconds per epoch after the first, its test evaluation
 included (dmm_jax: between the ends of successive epochs; the reference: (wall of E epochs -
 wall of 1 epoch) / (E - 1), each a fresh process, so its start-up and data generation
@@ -19,7 +22,10 @@ the series of the batch), dmm_jax with Adam on the ELBO summed over points, KL a
 linearly from 0.01 over the run (the reference: 0 for 10 epochs, then 1 - 0.99^(epoch -
 10)).
 
-    taskset -c 0 python benchmarks/latent_ode_periodic.py --epochs 30 --reference DIR --out F
+    taskset -c 0 python benchmarks/latent_ode_periodic.py --epochs 500 --reference DIR --out F
+
+(500 epochs: the reference's ``--niters 500``; about 2 s and 4.5 s per epoch on one core of
+the machine in docs/RESULTS.md.)
 
 (``taskset -c 0``: both sides on one core, the reference with one OpenMP thread.)
 
