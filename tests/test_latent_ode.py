@@ -326,3 +326,27 @@ def test_training_with_several_particles_puts_the_draws_in_one_trace():
     iwae = build_svi(CONFIG, TrainConfig(particles=3, objective="iwae"))  # needs each draw's weight
     assert isinstance(iwae.loss, ImportanceWeightedELBO) and "draws" not in iwae.model.keywords
     assert "draws" not in build_svi(CONFIG, TrainConfig(particles=1)).model.keywords
+
+
+def test_prior_samples_follow_the_model(key):
+    """With f = 0 the path stays at z_0 ~ N(0, I), so the mean W z_0 + b has mean b and
+    variance |W_d|^2 per feature, and x scatters around it with obs_std."""
+    from dmm_jax.models.latent_ode import sample_prior
+
+    config = LatentODEConfig(obs_dim=2, z_dim=3, rnn_dim=5, units=8, use_dt=True)
+    x, lengths, dt = jnp.zeros((1, 2, 2)), jnp.array([2]), jnp.ones((1, 2))
+    params = _params(config, x, lengths, dt)
+    params["ode$params"] = jax.tree.map(jnp.zeros_like, params["ode$params"])
+    kernel = jnp.array([[1.0, 0.0], [0.5, 2.0], [0.0, -1.0]])
+    params["decoder$params"] = {"kernel": kernel, "bias": jnp.array([0.3, -0.2])}
+    times = jnp.array([[0.0, 0.5, 2.0], [1.0, 1.0, 4.0]])
+    out = sample_prior(params, key, config, times, samples=4000)
+    assert out["x"].shape == out["mean"].shape == (4000, 2, 3, 2)
+    want = jnp.broadcast_to(
+        (out["z0"] @ kernel + jnp.array([0.3, -0.2]))[:, :, None], (4000, 2, 3, 2)
+    )
+    np.testing.assert_allclose(out["mean"], want, atol=1e-5)  # the path stays at z_0
+    mean = out["mean"][:, :, 0]
+    np.testing.assert_allclose(mean.mean((0, 1)), [0.3, -0.2], atol=0.05)
+    np.testing.assert_allclose(mean.var((0, 1)), (kernel**2).sum(0), rtol=0.06)
+    np.testing.assert_allclose((out["x"] - out["mean"]).std(), config.obs_std, rtol=0.03)

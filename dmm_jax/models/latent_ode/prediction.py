@@ -2,7 +2,7 @@
 decoder's mean along the ODE's path at any query times. Interpolation and extrapolation
 (``dmm_jax.models.series_tasks``) are the same computation: the guide reads only the
 observed entries (NaN elsewhere), and the path is solved from the series' first time
-through the query times.
+through the query times. ``sample_prior`` draws new series from the model itself.
 """
 
 from __future__ import annotations
@@ -55,3 +55,17 @@ def predict(
     (NaN: not observed) at the times of ``dt`` [B, T], one per draw of z_0."""
     z0 = posterior_z0(params, key, config, x, lengths, dt, samples)
     return decode_path(params, config, z0, query_times)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "samples"))
+def sample_prior(
+    params: dict, key: Array, config: LatentODEConfig, times: Array, samples: int = 1
+) -> dict[str, Array]:
+    """Series drawn from the model at ``times`` [B, T] (non-decreasing; the first is each
+    series' start time t_0): z_0 ~ N(0, I), its path z(t) and x(t) ~ N(W z(t) + b,
+    obs_std^2). Returns "z0" [S, B, Z], "mean" (W z(t) + b) and "x", both [S, B, T, D]."""
+    z_key, x_key = jax.random.split(key)
+    z0 = jax.random.normal(z_key, (samples, times.shape[0], config.z_dim))
+    mean = decode_path(params, config, z0, times)
+    x = mean + config.obs_std * jax.random.normal(x_key, mean.shape)
+    return {"z0": z0, "mean": mean, "x": x}
