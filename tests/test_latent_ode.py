@@ -238,13 +238,14 @@ def test_an_irregular_npz_trains_and_evaluates_from_the_command_line(tmp_path, c
     assert pathlib.Path(png).read_bytes().startswith(b"\x89PNG")
 
 
-def test_draws_in_one_trace_are_the_elbo_averaged_over_those_draws(key):
+@pytest.mark.parametrize("poisson", [False, True])
+def test_draws_in_one_trace_are_the_elbo_averaged_over_those_draws(key, poisson):
     """``draws`` = K: the trace's log density (model minus guide) equals the mean over k of
     the one-draw ELBO at the same z_0[k]; one encoder run, one solve of the K x B paths."""
     from numpyro.infer.util import log_density
 
     x, lengths, dt = _batch()
-    config = dataclasses.replace(CONFIG, rtol=1e-6, atol=1e-8)
+    config = dataclasses.replace(CONFIG, rtol=1e-6, atol=1e-8, poisson=poisson)
     params = _params(config, x, lengths, dt)
     args, draws = (x, lengths), 4
     seeded = handlers.seed(handlers.substitute(guide, data=params), key)
