@@ -233,13 +233,16 @@ def worker_main(args) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def _median_seconds(f, *args, repeats: int) -> float:
-    """Median wall time of ``f(*args)`` over ``repeats`` calls, after one warm-up call."""
-    f(*args).block_until_ready()
+def median_seconds(f, *args, repeats: int) -> float:
+    """Median wall time of ``f(*args)`` (an array or a pytree of them) over ``repeats``
+    calls, after one warm-up call."""
+    import jax
+
+    jax.block_until_ready(f(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        f(*args).block_until_ready()
+        jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -252,7 +255,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, precision: str | None = None
         jax.config.update("jax_default_matmul_precision", precision)
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
-    return 2 * n**3 / _median_seconds(jax.jit(lambda a: a @ a), a, repeats=repeats) / 1e9
+    return 2 * n**3 / median_seconds(jax.jit(lambda a: a @ a), a, repeats=repeats) / 1e9
 
 
 def recurrent_matmul_gflops(
@@ -267,7 +270,7 @@ def recurrent_matmul_gflops(
     w, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (hidden, hidden)))
     h0 = jax.random.normal(jax.random.PRNGKey(1), (batch, hidden))
     f = jax.jit(lambda h, w: jax.lax.fori_loop(0, steps, lambda _, h: h @ w, h))
-    return 2 * batch * hidden * hidden * steps / _median_seconds(f, h0, w, repeats=repeats) / 1e9
+    return 2 * batch * hidden * hidden * steps / median_seconds(f, h0, w, repeats=repeats) / 1e9
 
 
 class Worker:

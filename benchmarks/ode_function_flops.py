@@ -14,29 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from epoch_time import matmul_gflops, provenance
+from epoch_time import matmul_gflops, median_seconds, provenance
 
 EVALUATIONS = 100
-
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds of ``fn(*args)`` after one warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def measure(batch: int, z_dim: int, units: int, repeats: int) -> dict:
@@ -60,7 +45,7 @@ def measure(batch: int, z_dim: int, units: int, repeats: int) -> dict:
         ("gradient", jax.jit(jax.grad(lambda p, z: jnp.sum(chain(p, z)))), 3),
     )
     for name, fn, passes in runs:  # a gradient: the forward pass and two products per layer
-        per_evaluation = timed(fn, params, z, repeats=repeats) / EVALUATIONS
+        per_evaluation = median_seconds(fn, params, z, repeats=repeats) / EVALUATIONS
         row[f"{name}_microseconds"] = per_evaluation * 1e6
         row[f"{name}_gflops_per_s"] = passes * flops / per_evaluation / 1e9
     return row

@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     mesh = _mesh(args)  # a multi-process run must join before anything touches a device
     # An encoder that draws its own context trains on whole periodic series (the reference's
     # interpolation training); it reads the test split's observed points as before.
-    dataset = _real_valued(args.data, args.dataset, bool(getattr(args, "context_points", 0)))
+    dataset = _real_valued(args.data, args.dataset, bool(args.context_points))
     if dataset is not None:
         train = dataset.train
         obs_dim, input_dim, use_dt = train.obs_dim, train.input_dim, train.dt is not None

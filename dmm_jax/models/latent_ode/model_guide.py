@@ -145,13 +145,13 @@ def context_choice(key: Array, present: Array, mask: Array, points: int) -> Arra
     return candidates & (rank < points)
 
 
+@contextlib.contextmanager
 def draws_plate(draws: int):
     """Nothing for one draw; for more, a plate "draws" (dim -2) whose sites count 1/draws."""
-    if draws == 1:
-        return contextlib.nullcontext()
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}")
-    stack = contextlib.ExitStack()
-    stack.enter_context(handlers.scale(scale=1.0 / draws))
-    stack.enter_context(numpyro.plate("draws", draws, dim=-2))
-    return stack
+    if draws == 1:
+        yield
+        return
+    with handlers.scale(scale=1.0 / draws), numpyro.plate("draws", draws, dim=-2):
+        yield
