@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "emission": train_setting(train_flags, "emission", "bernoulli"),
         "objective": train_setting(train_flags, "objective", "elbo"),
         "particles": int(train_setting(train_flags, "particles", "1")),
+        "init_from": train_setting(train_flags, "init-from", None),
         "split": args.split,
         "bound_nll_per_step": scores["elbo_nll_per_step"],
         "is_nll_per_step": scores["is_nll_per_step"],

@@ -245,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(train)
     train.add_argument("--checkpoint-dir", default=None, help="atomic checkpoint after each epoch")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    train.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from the parameters of this checkpoint (a --checkpoint-dir, or its "
+        "best.msgpack) of the same model settings, with a fresh optimizer and schedule: e.g. "
+        "a model trained on the ELBO trained further on --objective iwae or fivo",
+    )
     train.add_argument("--log-json", default=None, help="write one JSON object per epoch here")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(

@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dmm_jax import distributed
+from dmm_jax.checkpoint import CheckpointError
 from dmm_jax.cli import model_config_from_args, model_flags_given
 from dmm_jax.config import BINARY_EMISSIONS, TrainConfig
 from dmm_jax.data import NUM_NOTES, DataError, load_dataset
@@ -44,7 +46,7 @@ from dmm_jax.plots import (
     series_forecast_figure,
     training_curves_figure,
 )
-from dmm_jax.train import fit, load_run
+from dmm_jax.train import changed_settings, fit, load_run
 
 
 def _mesh(args: argparse.Namespace) -> Mesh | None:
@@ -70,6 +72,20 @@ def _real_valued(
     if _is_arrays(data):
         return load_arrays(data)
     return periodic_arrays(whole_train=whole_train) if name == "periodic" else None
+
+
+def _init_params(path: str | None, model_config: Any) -> dict[str, Any] | None:
+    """The parameters of the checkpoint at ``path`` (--init-from), which must hold a run of
+    the same model settings; None without a path."""
+    if path is None:
+        return None
+    run = load_run(path)
+    changed = changed_settings(run.model_config, model_config)
+    if changed:
+        raise CheckpointError(
+            f"--init-from {path}: trained with other model settings; changed: {', '.join(changed)}"
+        )
+    return run.params
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -131,6 +147,7 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"dmm-jax train: {args.data} holds values other than 0/1; use --emission gaussian"
         )
+    init_params = _init_params(args.init_from, model_config)
     # In a multi-process run only process 0 prints; --quiet prints nothing but errors.
     lead = jax.process_index() == 0 and not args.quiet
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
@@ -145,6 +162,7 @@ def _train(args: argparse.Namespace) -> int:
         dataset.train,
         dataset.valid,
         dataset.test,
+        init_params=init_params,
         model_config=model_config,
         train_config=train_config,
         checkpoint_dir=args.checkpoint_dir,

@@ -104,16 +104,29 @@ def training_objective(model_config: Any, train_config: TrainConfig):
 
 
 def init_train_state(
-    svi: SVI, seed: int, obs_dim: int, covariates: dict[str, Array] | None = None
+    svi: SVI,
+    seed: int,
+    obs_dim: int,
+    covariates: dict[str, Array] | None = None,
+    init_params: dict[str, Any] | None = None,
 ) -> TrainState:
     """Initial parameters and optimizer state from ``seed`` (shape-independent).
 
     ``covariates``: example ``inputs``/``dt`` when the model takes them
-    (``dmm_jax.models.common.example_covariates``).
+    (``dmm_jax.models.common.example_covariates``). ``init_params``: parameters to start
+    from instead of the seed's (every site, as ``svi.get_params`` returns them), with a
+    fresh optimizer state.
     """
     svi_key, data_key, eval_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jnp.zeros((1, 1, obs_dim), jnp.float32)
-    svi_state = svi.init(svi_key, x, jnp.ones(1, jnp.int32), jnp.float32(1.0), **(covariates or {}))
+    svi_state = svi.init(
+        svi_key,
+        x,
+        jnp.ones(1, jnp.int32),
+        jnp.float32(1.0),
+        init_params=init_params,
+        **(covariates or {}),
+    )
     return TrainState(svi_state, jnp.int32(0), data_key, eval_key)
 
 

@@ -87,10 +87,15 @@ class LoadedRun(NamedTuple):
 def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     """Restores a run saved by ``fit``: parameters, full state, configs, history, metadata.
 
+    ``checkpoint_dir``: a ``checkpoint_dir`` of ``fit``, or one ``.msgpack`` file in it.
     ``best``: the state of the best validation bound (``best.msgpack``, kept with early
     stopping) instead of the latest.
     """
-    saved = read_checkpoint(checkpoint_dir, BEST_FILE if best else CHECKPOINT_FILE)
+    path = Path(checkpoint_dir)
+    if path.suffix == ".msgpack":
+        saved = read_checkpoint(path.parent, path.name)
+    else:
+        saved = read_checkpoint(path, BEST_FILE if best else CHECKPOINT_FILE)
     svi = build_svi(saved["model_config"], saved["train_config"])
     model_config = saved["model_config"]
     covariates = example_covariates(model_config)
@@ -105,6 +110,21 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
         saved["history"],
         saved["metadata"],
     )
+
+
+def _check_same_shapes(params: dict[str, Any], init_params: dict[str, Any]) -> None:
+    """Raises ValueError naming the first parameter site ``init_params`` lacks or shapes
+    differently from ``params`` (a fresh initialisation of the model being trained)."""
+    for name, value in params.items():
+        if name not in init_params:
+            raise ValueError(f"init_params has no parameter {name!r} of this model")
+        want = jax.tree.map(np.shape, value)
+        got = jax.tree.map(np.shape, init_params[name])
+        if want != got:
+            raise ValueError(f"init_params[{name!r}] does not match this model's shapes")
+    extra = sorted(set(init_params) - set(params))
+    if extra:
+        raise ValueError(f"init_params has parameters this model lacks: {', '.join(extra)}")
 
 
 class EarlyStopping:
@@ -242,6 +262,7 @@ def fit(
     log: Callable[[str], None] | None = None,
     metadata: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
+    init_params: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Trains a DMM by SVI; evaluates validation/test every ``eval_every`` epochs and at the end.
 
@@ -260,6 +281,10 @@ def fit(
         mesh: train and evaluate data-parallel over this device mesh
             (``dmm_jax.distributed.data_mesh``); None: today's single-device run. In a
             multi-process run only process 0 writes the checkpoint and the JSON log.
+        init_params: parameters to start from (``load_run(...).params`` of a run of the same
+            model configuration) with a fresh optimizer, schedule and epoch count: a run
+            trained further under other training settings (another objective, learning
+            rate). Not used when ``resume`` finds a checkpoint.
 
     Returns:
         TrainResult with the final parameters, state, per-epoch history and compiled shapes.
@@ -278,6 +303,11 @@ def fit(
     covariates = example_covariates(model_config)
     state = init_train_state(svi, train_config.seed, model_config.obs_dim, covariates)
     history: list[dict[str, Any]] = []
+    if init_params is not None:
+        _check_same_shapes(svi.get_params(state.svi_state), init_params)
+        state = init_train_state(
+            svi, train_config.seed, model_config.obs_dim, covariates, init_params
+        )
 
     if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():
         saved = load_run(checkpoint_dir)

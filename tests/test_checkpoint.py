@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -201,3 +202,49 @@ def test_a_checkpoint_of_the_first_format_still_loads_and_resumes(tmp_path):
     np.testing.assert_allclose(
         [r["train_loss_per_step"] for r in resumed.history[:2]], expected["train_loss_per_step"]
     )
+
+
+def test_init_params_start_a_new_run_from_a_trained_one(tiny_config, tmp_path):
+    # Trained further under another objective: the new run starts at the saved parameters
+    # with epoch 0 and a fresh optimizer, and leaves the saved run as it was.
+    from dmm_jax.models.common import example_covariates
+    from dmm_jax.step import build_svi, init_train_state
+
+    data = _structured_binary_data(8)
+    fit(data, model_config=tiny_config, train_config=CFG, checkpoint_dir=tmp_path / "elbo")
+    saved = load_run(tmp_path / "elbo" / checkpoint.CHECKPOINT_FILE)  # a file names itself
+    further = dataclasses.replace(CFG, epochs=1, objective="iwae", particles=2)
+    svi = build_svi(tiny_config, further)
+    covariates = example_covariates(tiny_config)
+    start = init_train_state(svi, 0, tiny_config.obs_dim, covariates, saved.params)
+    assert _trees_equal(svi.get_params(start.svi_state), saved.params)
+    assert int(start.svi_state.optim_state[0]) == 0 and int(start.epoch) == 0
+
+    trained = fit(
+        data,
+        model_config=tiny_config,
+        train_config=further,
+        init_params=saved.params,
+        checkpoint_dir=tmp_path / "iwae",
+    )
+    fresh = fit(data, model_config=tiny_config, train_config=further)
+    assert not _trees_equal(trained.params, saved.params)
+    assert int(load_run(tmp_path / "iwae").state.svi_state.optim_state[0]) == 2  # 2 updates
+    first_loss = trained.history[0]["train_loss_per_step"]
+    assert first_loss < fresh.history[0]["train_loss_per_step"]  # it began where ELBO ended
+    assert _trees_equal(load_run(tmp_path / "elbo").params, saved.params)
+
+
+def test_init_params_of_another_model_are_refused(tiny_config, tmp_path):
+    data = _structured_binary_data(6)
+    small = fit(data, model_config=tiny_config, train_config=TrainConfig(epochs=1, batch_size=5))
+    wider = dataclasses.replace(tiny_config, z_dim=4)
+    with pytest.raises(ValueError, match="does not match this model's shapes"):
+        fit(data, model_config=wider, train_config=CFG, init_params=small.params)
+    name = min(small.params)
+    fewer = {k: v for k, v in small.params.items() if k != name}
+    with pytest.raises(ValueError, match=f"init_params has no parameter '{re.escape(name)}'"):
+        fit(data, model_config=tiny_config, train_config=CFG, init_params=fewer)
+    more = {**small.params, "extra": np.zeros(2)}
+    with pytest.raises(ValueError, match="parameters this model lacks: extra"):
+        fit(data, model_config=tiny_config, train_config=CFG, init_params=more)

@@ -220,3 +220,26 @@ def test_augmented_checkpoint_samples_and_refuses_impute(data_file, tmp_path, ca
     args = ["impute", "--checkpoint", str(directory), "--data", str(data_file), "--gap", "1:2"]
     assert main(args) == 2
     assert "impute does not support DMM-Aug" in capsys.readouterr().err
+
+
+def test_train_init_from_continues_a_checkpoint_under_another_objective(
+    checkpoint, data_file, tmp_path, capsys
+):
+    tiny = ["--z-dim", "3", "--emission-dim", "8", "--transition-dim", "8", "--rnn-dim", "8"]
+    # Seed 5: a fresh start would not be the saved (seed 0) parameters.
+    args = ["train", "--data", str(data_file), "--epochs", "1", "--seed", "5", "--no-progress"]
+    args += tiny
+    further = tmp_path / "further"
+    flags = ["--init-from", str(checkpoint), "--objective", "fivo", "--particles", "2"]
+    assert main([*args, *flags, "--checkpoint-dir", str(further)]) == 0
+    start, trained = load_run(checkpoint), load_run(further)
+    assert trained.train_config.objective == "fivo" and int(trained.state.epoch) == 1
+    # One update away from the saved parameters (Adam moves each by at most ~lr).
+    for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(trained.params), strict=True):
+        assert (
+            np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 2 * trained.train_config.learning_rate
+        )
+
+    assert main([*args, "--z-dim", "4", "--init-from", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"--init-from {checkpoint}: trained with other model settings; changed: z_dim" in err
