@@ -214,7 +214,8 @@ class TrainConfig:
     or "iwae", the importance-weighted bound over ``particles`` draws of every latent path
     (``dmm_jax.objectives``; with kl "sampled" only) or "fivo", the particle filter's bound
     with ``particles`` particles resampled by ``resampling`` (``dmm_jax.filtering``). early_stopping_patience: stop after this many
-    evaluations (every eval_every epochs) without a better validation bound; 0 never stops.
+    evaluations (every eval_every epochs) without a better validation bound (the bound of the
+    objective: ``dmm_jax.train.validation_bound``); 0 never stops.
     """
 
     epochs: int = 5000

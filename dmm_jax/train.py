@@ -45,7 +45,7 @@ from dmm_jax.data.batching import (
     group_real_steps,
 )
 from dmm_jax.data.splits import Batchable, as_batchable
-from dmm_jax.evaluate import evaluate_split
+from dmm_jax.evaluate import evaluate_split, particle_filter_split
 from dmm_jax.models import family_of
 from dmm_jax.models.common import example_covariates
 from dmm_jax.optim import annealing_factor
@@ -110,6 +110,47 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
         saved["history"],
         saved["metadata"],
     )
+
+
+def validation_bound(
+    params: Any,
+    key: jax.Array,
+    data: Any,
+    model_config: Any,
+    train_config: TrainConfig,
+    *,
+    mesh: Mesh | None = None,
+    name: str = "split",
+) -> float:
+    """The bound a run trains on, as a negative log-likelihood per time step of ``data``: the
+    ELBO (``eval_samples`` draws), the IWAE bound (``particles`` draws) or the filtering bound
+    (``particles`` particles). Evaluation during training and early stopping use it, so a run
+    keeps the state best under its own objective. Raises FloatingPointError if not finite."""
+    if train_config.objective == "fivo":
+        # The particle filter runs on one device (it takes no mesh).
+        result = particle_filter_split(
+            params,
+            key,
+            data,
+            model_config,
+            num_particles=train_config.particles,
+            resampling=train_config.resampling,
+            name=name,
+        )
+        return result["pf_nll_per_step"]
+    iwae = train_config.objective == "iwae"
+    result = evaluate_split(
+        params,
+        key,
+        data,
+        model_config,
+        num_samples=train_config.particles if iwae else train_config.eval_samples,
+        estimator="is" if iwae else "elbo",
+        batch_size=train_config.eval_batch_size,
+        mesh=mesh,
+        name=name,
+    )
+    return result["is_nll_per_step" if iwae else "loss_per_step"]
 
 
 def _check_same_shapes(params: dict[str, Any], init_params: dict[str, Any]) -> None:
@@ -357,24 +398,17 @@ def fit(
             if eval_sets and due:
                 params = svi.get_params(state.svi_state)
                 for name, data in eval_sets.items():
+                    key = jax.random.fold_in(state.eval_key, epoch)
                     try:
-                        result = evaluate_split(
-                            params,
-                            jax.random.fold_in(state.eval_key, epoch),
-                            data,
-                            model_config,
-                            num_samples=train_config.eval_samples,
-                            batch_size=train_config.eval_batch_size,
-                            mesh=mesh,
-                            name=name,
+                        loss = validation_bound(
+                            params, key, data, model_config, train_config, mesh=mesh, name=name
                         )
                     except FloatingPointError as err:  # reported, and training goes on
                         record[f"{name}_error"] = str(err)
                         continue
-                    record[f"{name}_loss_per_step"] = result["loss_per_step"]
+                    record[f"{name}_loss_per_step"] = loss
                     metrics = family_of(model_config).split_metrics
                     if metrics is not None:
-                        key = jax.random.fold_in(state.eval_key, epoch)
                         extra = metrics(params, key, model_config, data)
                         record.update({f"{name}_{k}": v for k, v in extra.items()})
             improved = patience > 0 and stopper.update(record)

@@ -175,3 +175,28 @@ def test_evaluate_by_the_particle_filter_from_the_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["num_particles"] == 64 and out["num_steps"] == 10
     assert out["pf_nll_per_step"] < out["elbo_nll_per_step"]
+
+
+@pytest.mark.parametrize("objective", ["fivo", "iwae"])
+def test_validation_during_training_is_the_bound_the_run_trains_on(objective):
+    # Early stopping keeps the state best under the run's own objective, not the ELBO.
+    from dmm_jax.evaluate import evaluate_split, particle_filter_split
+    from dmm_jax.train import fit
+
+    rng = np.random.default_rng(0)
+    split = [(rng.random((n, OBS)) < 0.3).astype(np.float32) for n in (6, 4, 7, 5)]
+    config = TrainConfig(epochs=2, batch_size=2, objective=objective, particles=3, eval_every=1)
+    result = fit(split[:2], split[2:], model_config=DMM_TINY, train_config=config)
+    record = result.history[-1]
+    key = jax.random.fold_in(result.state.eval_key, record["epoch"])
+    if objective == "fivo":
+        pf = particle_filter_split(result.params, key, split[2:], DMM_TINY, num_particles=3)
+        want = pf["pf_nll_per_step"]
+    else:
+        scores = evaluate_split(
+            result.params, key, split[2:], DMM_TINY, num_samples=3, estimator="is"
+        )
+        want = scores["is_nll_per_step"]
+    assert record["val_loss_per_step"] == pytest.approx(want, rel=1e-6)
+    elbo = evaluate_split(result.params, key, split[2:], DMM_TINY)["loss_per_step"]
+    assert record["val_loss_per_step"] != pytest.approx(elbo, rel=1e-6)
