@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from dmm_jax.config import RESAMPLING
 from dmm_jax.distributions import step_noise
+from dmm_jax.scans import active_steps
 
 Array = jax.Array
 
@@ -90,7 +91,8 @@ def particle_filter(
     keep_particles: bool = False,
 ) -> tuple[Array, Array | None]:
     """log p^(x) per sequence, [B], and each step's proposed particles z [T, B, K, Z] if
-    ``keep_particles`` (else None: nothing of size T x K is kept).
+    ``keep_particles`` (else None: nothing of size T x K is kept; zero past the batch's
+    longest sequence, where nothing is proposed).
 
     ``carry``: the particles' state, leaves [B, K, ...]; ``inputs``: time-major leaves
     [T, B, ...] given to ``step`` one step at a time; ``mask`` [B, T]: real steps. Noise for
@@ -121,7 +123,18 @@ def particle_filter(
         log_w = jnp.where(collapse[:, None], 0.0, log_w)
         return (carry, log_w, log_z), (z_t if keep_particles else None)
 
+    # Steps past the batch's longest sequence are padding for every sequence: skipped, so a
+    # batch padded to a coarse length bucket costs no work there (as the ELBO's scans).
+    active = active_steps(mask)
+
+    def advance_or_skip(state, per_step):
+        def skip(state, per_step):
+            z_t = jnp.zeros((batch, num_particles, z_dim)) if keep_particles else None
+            return state, z_t
+
+        return jax.lax.cond(per_step[0] < active, advance, skip, state, per_step)
+
     start = (carry, jnp.zeros((batch, num_particles)), jnp.zeros(batch))
     per_step = (jnp.arange(num_steps), inputs, noise, mask.T)
-    (_, log_w, log_z), z = jax.lax.scan(advance, start, per_step)
+    (_, log_w, log_z), z = jax.lax.scan(advance_or_skip, start, per_step)
     return log_z + jax.scipy.special.logsumexp(log_w, axis=-1) - log_k, z

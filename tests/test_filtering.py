@@ -200,3 +200,29 @@ def test_validation_during_training_is_the_bound_the_run_trains_on(objective):
     assert record["val_loss_per_step"] == pytest.approx(want, rel=1e-6)
     elbo = evaluate_split(result.params, key, split[2:], DMM_TINY)["loss_per_step"]
     assert record["val_loss_per_step"] != pytest.approx(elbo, rel=1e-6)
+
+
+def test_steps_past_the_longest_sequence_are_skipped_and_change_nothing():
+    from dmm_jax.filtering import particle_filter
+
+    def run(theta, num_steps):
+        def step(carry, x_t, noise_t):
+            z_t = theta * carry + noise_t
+            log_alpha = -0.5 * jnp.sum((x_t[:, None, :] - z_t) ** 2, axis=-1)
+            return z_t, log_alpha, z_t
+
+        x = jnp.linspace(-1.0, 1.0, 8 * 2 * 2).reshape(8, 2, 2)[:num_steps]
+        mask = jnp.arange(num_steps)[None, :] < jnp.asarray([[3], [2]])
+        carry = jnp.zeros((2, 5, 2))
+        key = jax.random.PRNGKey(4)
+        return particle_filter(step, carry, x, mask, key, 5, 2, keep_particles=True)
+
+    def log_z_sum(theta, num_steps):
+        return jnp.sum(run(theta, num_steps)[0])
+
+    (short, z_short), (long, z_long) = run(0.7, 3), run(0.7, 8)
+    np.testing.assert_allclose(long, short, rtol=1e-6)
+    np.testing.assert_allclose(z_long[:3], z_short, rtol=1e-6)
+    assert not np.any(z_long[3:])  # skipped: no particles proposed
+    grad_short, grad_long = (jax.grad(log_z_sum)(0.7, n) for n in (3, 8))
+    np.testing.assert_allclose(grad_long, grad_short, rtol=1e-6)
