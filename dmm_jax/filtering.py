@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from dmm_jax.config import RESAMPLING
 from dmm_jax.distributions import step_noise
-from dmm_jax.scans import active_steps
+from dmm_jax.scans import active_steps, scan_up_to
 
 Array = jax.Array
 
@@ -123,18 +123,9 @@ def particle_filter(
         log_w = jnp.where(collapse[:, None], 0.0, log_w)
         return (carry, log_w, log_z), (z_t if keep_particles else None)
 
-    # Steps past the batch's longest sequence are padding for every sequence: skipped, so a
-    # batch padded to a coarse length bucket costs no work there (as the ELBO's scans).
-    active = active_steps(mask)
-
-    def advance_or_skip(state, per_step):
-        def skip(state, per_step):
-            z_t = jnp.zeros((batch, num_particles, z_dim)) if keep_particles else None
-            return state, z_t
-
-        return jax.lax.cond(per_step[0] < active, advance, skip, state, per_step)
-
     start = (carry, jnp.zeros((batch, num_particles)), jnp.zeros(batch))
     per_step = (jnp.arange(num_steps), inputs, noise, mask.T)
-    (_, log_w, log_z), z = jax.lax.scan(advance_or_skip, start, per_step)
+    # Steps past the batch's longest sequence are padding for every sequence: skipped, so a
+    # batch padded to a coarse length bucket costs no work there (as in the ELBO's loops).
+    (_, log_w, log_z), z = scan_up_to(advance, start, per_step, active_steps(mask))
     return log_z + jax.scipy.special.logsumexp(log_w, axis=-1) - log_k, z
