@@ -256,16 +256,35 @@ class NADE(Distribution):
         return jnp.moveaxis(notes, 0, -1)
 
 
+# Notes per block of the NADE's cumulative sum (88 keys: 11 blocks, no padding).
+_NADE_BLOCK = 8
+
+
 def _nade_logits(hidden_bias, visible_bias, weights, readout, value: Array) -> Array:
     """The NADE's logit p(x_d = 1 | x_<d) for every note d at ``value`` [..., X]."""
     num_notes, hidden_units = value.shape[-1], hidden_bias.shape[-1]
-    # The exclusive cumulative sum over notes, sum_{j<d} x_j W[:, j] for every d, as one
-    # matmul with [j < d] W[:, j] laid out [X (j), X * H (d, h)]: on CPU 1.7x faster than
-    # jnp.cumsum over the [..., X, H] products (which XLA runs as a windowed reduction).
-    earlier = jnp.tril(jnp.ones((num_notes, num_notes), value.dtype), -1).T  # [j, d]: j < d
-    by_note = earlier[:, :, None] * jnp.swapaxes(weights, -1, -2)[..., :, None, :]
-    by_note = by_note.reshape(*by_note.shape[:-3], num_notes, num_notes * hidden_units)
-    below = (value[..., None, :] @ by_note)[..., 0, :]
-    below = below.reshape(*below.shape[:-1], num_notes, hidden_units)
+    # The exclusive cumulative sum over notes, sum_{j<d} x_j W[:, j] for every d, in blocks of
+    # notes: within a block as one matmul with [j < d] W[:, j] laid out [block (j), block * H
+    # (d, h)], plus the sums of all earlier blocks (a matmul with [c' < c] over block totals).
+    # On CPU the log density and its gradient ran 1.4x faster than one such matmul over all
+    # 88 notes (9x the multiply-adds; 3000 rows, H = 100); jnp.cumsum over the [..., X, H]
+    # products, which XLA runs as a windowed reduction, was slower than either.
+    block = min(_NADE_BLOCK, num_notes)
+    num_blocks = -(-num_notes // block)
+    pad = num_blocks * block - num_notes
+    value = jnp.pad(value, [(0, 0)] * (value.ndim - 1) + [(0, pad)])
+    by_row = jnp.swapaxes(weights, -1, -2)  # W^T [..., X, H]
+    by_row = jnp.pad(by_row, [(0, 0)] * (by_row.ndim - 2) + [(0, pad), (0, 0)])
+    by_row = by_row.reshape(*by_row.shape[:-2], num_blocks, block, hidden_units)
+    value_blocks = value.reshape(*value.shape[:-1], num_blocks, 1, block)
+    earlier = jnp.tril(jnp.ones((block, block), value.dtype), -1).T  # [j, d]: j < d
+    by_note = earlier[:, :, None] * by_row[..., :, :, None, :]  # [..., blocks, j, d, H]
+    by_note = by_note.reshape(*by_note.shape[:-3], block, block * hidden_units)
+    within = (value_blocks @ by_note)[..., 0, :]
+    within = within.reshape(*within.shape[:-2], num_blocks, block, hidden_units)
+    totals = (value_blocks @ by_row)[..., 0, :]  # [..., blocks, H]
+    earlier_blocks = jnp.tril(jnp.ones((num_blocks, num_blocks), value.dtype), -1)  # c' < c
+    below = within + (earlier_blocks @ totals)[..., :, None, :]
+    below = below.reshape(*below.shape[:-3], num_blocks * block, hidden_units)[..., :num_notes, :]
     hidden = jax.nn.sigmoid(hidden_bias[..., None, :] + below)
     return visible_bias + jnp.sum(hidden * readout, axis=-1)

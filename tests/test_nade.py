@@ -74,6 +74,24 @@ def test_log_prob_equals_a_loop_over_notes():
     np.testing.assert_allclose(log_p, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_notes", [8, 13, 88])
+def test_log_prob_equals_a_loop_over_notes_across_blocks_of_notes(num_notes):
+    # More notes than one block of the cumulative sum (8): whole blocks, a padded last block,
+    # and the 88 keys of a piano roll; random vectors, the sparsity of music and dense ones.
+    keys = jax.random.split(jax.random.PRNGKey(num_notes), 5)
+    nade = NADE(
+        jax.random.normal(keys[0], (HIDDEN,)),
+        jax.random.normal(keys[1], (num_notes,)),
+        jax.random.normal(keys[2], (HIDDEN, num_notes)),
+        jax.random.normal(keys[3], (num_notes, HIDDEN)),
+    )
+    density = jnp.asarray([0.1, 0.5])[:, None, None]
+    vectors = (jax.random.uniform(keys[4], (2, 5, num_notes)) < density).astype(jnp.float32)
+    vectors = vectors.reshape(10, num_notes)
+    expected = [_loop_log_prob(nade, x) for x in vectors]
+    np.testing.assert_allclose(nade.log_prob(vectors), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_with_uncoupled_notes_it_is_the_factorised_bernoulli():
     nade = _nade(seed=2, batch=(2,), zero_weights=True)
     logits = nade.visible_bias + jax.nn.sigmoid(nade.hidden_bias) @ nade.readout.T
