@@ -344,13 +344,14 @@ def fit(
     covariates = example_covariates(model_config)
     state = init_train_state(svi, train_config.seed, model_config.obs_dim, covariates)
     history: list[dict[str, Any]] = []
-    if init_params is not None:
+    resuming = resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file()
+    if init_params is not None and not resuming:  # a resumed run has its own parameters
         _check_same_shapes(svi.get_params(state.svi_state), init_params)
         state = init_train_state(
             svi, train_config.seed, model_config.obs_dim, covariates, init_params
         )
 
-    if resume and checkpoint_dir is not None and checkpoint_path(checkpoint_dir).is_file():
+    if resuming:
         saved = load_run(checkpoint_dir)
         changed = changed_settings(saved.model_config, model_config) + [
             f"train_config.{c}"
