@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dmm_jax import distributed
-from dmm_jax.data.batching import balanced_batch_size, sorted_batches
+from dmm_jax.data.batching import balanced_batch_size, length_bucket, sorted_batches
 from dmm_jax.data.splits import Batchable, SequenceSplit, as_batchable
 from dmm_jax.models import family_of
 from dmm_jax.objectives import log_weight
@@ -143,6 +143,18 @@ ESTIMATORS = ("elbo", "is")
 # Padded steps (draws x sequences x steps) scored per call: fewer draws per call on long
 # sequences (no JSB batch is affected). The draws themselves do not depend on it.
 EVAL_STEP_BUDGET = 2**19
+# A NADE holds [notes, hidden] activations per step (88 x 100 floats on piano rolls), many
+# times the factorised emissions' few hundred: its budget is EVAL_STEP_BUDGET x this / that.
+_NADE_BUDGET_FLOATS = 256
+
+
+def steps_per_call(config) -> int:
+    """Padded steps (draws x sequences x steps) one evaluation call scores at most: 15,252 for
+    a NADE over 88 notes with 100 hidden units, EVAL_STEP_BUDGET for the other emissions."""
+    if config.emission != "nade":
+        return EVAL_STEP_BUDGET
+    floats = config.obs_dim * config.nade_hidden
+    return max(1, EVAL_STEP_BUDGET * _NADE_BUDGET_FLOATS // max(floats, _NADE_BUDGET_FLOATS))
 
 
 def evaluate_split(
@@ -186,6 +198,10 @@ def evaluate_split(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     data = as_batchable(sequences)
+    budget = steps_per_call(config)
+    # One draw of a batch must fit the budget too: fewer sequences per batch on long pieces
+    # (Nottingham's run to 1,793 steps) with a NADE; no Bernoulli or JSB batch is affected.
+    batch_size = min(batch_size, max(1, budget // length_bucket(int(data.lengths.max()))))
     batch_size = balanced_batch_size(len(data), batch_size)  # no batch mostly empty rows
     per_sequence = {name: np.empty(len(data)) for name in ("elbo", "elbo_var", "lme", "lme_var")}
     log_weights = _batch_log_weights
@@ -202,8 +218,8 @@ def evaluate_split(
             raise NotImplementedError("sharded evaluation does not take inputs or dt yet")
         keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
         batch_stats = LogWeightStats(len(indices))
-        # Memory: at most EVAL_STEP_BUDGET padded steps (draws x sequences x steps) per call.
-        chunk = max(1, min(sample_chunk, num_samples, EVAL_STEP_BUDGET // math.prod(x.shape[:2])))
+        # Memory: at most `budget` padded steps (draws x sequences x steps) per call.
+        chunk = max(1, min(sample_chunk, num_samples, budget // math.prod(x.shape[:2])))
         for start in range(0, num_samples, chunk):
             chunk_keys = keys[start : start + chunk]
             used = len(chunk_keys)

@@ -166,3 +166,40 @@ def test_a_non_finite_bound_is_an_error_naming_the_split_and_sequence(tiny_confi
             )
     finally:
         evaluate._batch_log_weights = original
+
+
+def test_a_nade_evaluation_call_stays_within_its_smaller_step_budget(tiny_config, key, monkeypatch):
+    """A NADE's [notes, hidden] activations per step make a call of EVAL_STEP_BUDGET padded
+    steps many times larger than a Bernoulli's: its calls score fewer steps, splitting a batch
+    whose single draw would not fit (long pieces), and all sequences are still scored."""
+    import dataclasses
+
+    from dmm_jax import evaluate
+
+    monkeypatch.setattr(evaluate, "EVAL_STEP_BUDGET", 1200)
+    calls = []
+    jitted = evaluate._batch_log_weights
+
+    def recording(params, keys, x, lengths, config, covariates):
+        calls.append((config.emission, keys.shape[0] * x.shape[0] * x.shape[1], x.shape[0]))
+        return jitted(params, keys, x, lengths, config, covariates)
+
+    monkeypatch.setattr(evaluate, "_batch_log_weights", recording)
+    lengths = [45, 40, 48, 36, 42, 47]  # one padded bucket of 48 steps
+    x, _ = random_binary_batch(3, 6, 48, tiny_config.obs_dim, lengths=lengths)
+    sequences = [x[i, : lengths[i]].astype(np.uint8) for i in range(6)]
+    for emission in ("bernoulli", "nade"):
+        config = dataclasses.replace(tiny_config, emission=emission, nade_hidden=200)
+        r = evaluate_split(
+            init_params(config), key, sequences, config, num_samples=3, estimator="is"
+        )
+        assert r["num_sequences"] == 6 and np.isfinite(r["is_nll_per_step"])
+    budgets = {
+        e: evaluate.steps_per_call(dataclasses.replace(tiny_config, emission=e, nade_hidden=200))
+        for e in ("bernoulli", "nade")
+    }
+    assert budgets == {"bernoulli": 1200, "nade": 256}
+    for emission, steps, _ in calls:
+        assert steps <= budgets[emission], (emission, steps)
+    rows = {e: max(r for em, _, r in calls if em == e) for e in budgets}
+    assert rows["nade"] < 6 == rows["bernoulli"]  # 6 x 48 steps exceed the NADE's 256
