@@ -66,7 +66,13 @@ def train_run(flags: list[str], log: Path) -> dict:
     epochs = [
         {
             key: r[key]
-            for key in ("epoch", "train_loss_per_step", "val_loss_per_step", "test_loss_per_step")
+            for key in (
+                "epoch",
+                "train_loss_per_step",
+                "val_loss_per_step",
+                "test_loss_per_step",
+                "seconds",
+            )
             if key in r
         }
         | {"skipped_updates": r.get("skipped_updates", 0)}
