@@ -143,8 +143,8 @@ ESTIMATORS = ("elbo", "is")
 # Padded steps (draws x sequences x steps) scored per call: fewer draws per call on long
 # sequences (no JSB batch is affected). The draws themselves do not depend on it.
 EVAL_STEP_BUDGET = 2**19
-# A NADE holds [notes, hidden] activations per step (88 x 100 floats on piano rolls), many
-# times the factorised emissions' few hundred: its budget is EVAL_STEP_BUDGET x this / that.
+# A NADE holds [notes, hidden] activations per step (88 x 100 floats on piano rolls), tens of
+# times a factorised emission's: its budget is EVAL_STEP_BUDGET x 256 / (notes x hidden).
 _NADE_BUDGET_FLOATS = 256
 
 
