@@ -189,13 +189,13 @@ def test_a_nade_evaluation_call_stays_within_its_smaller_step_budget(tiny_config
     x, _ = random_binary_batch(3, 6, 48, tiny_config.obs_dim, lengths=lengths)
     sequences = [x[i, : lengths[i]].astype(np.uint8) for i in range(6)]
     for emission in ("bernoulli", "nade"):
-        config = dataclasses.replace(tiny_config, emission=emission, nade_hidden=200)
+        config = dataclasses.replace(tiny_config, emission=emission, nade_hidden=400)
         r = evaluate_split(
             init_params(config), key, sequences, config, num_samples=3, estimator="is"
         )
         assert r["num_sequences"] == 6 and np.isfinite(r["is_nll_per_step"])
     budgets = {
-        e: evaluate.steps_per_call(dataclasses.replace(tiny_config, emission=e, nade_hidden=200))
+        e: evaluate.steps_per_call(dataclasses.replace(tiny_config, emission=e, nade_hidden=400))
         for e in ("bernoulli", "nade")
     }
     assert budgets == {"bernoulli": 1200, "nade": 256}
