@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.time() - started,
         **record,
         "train_flags": train_flags,
-        # Epoch 0 compiles; a resumed run's history holds only the epochs it ran.
-        "median_epoch_seconds": median_epoch_seconds(run["epochs"][1:]),
+        # Training seconds; the first epoch run (epoch 0, or a resumed run's first) compiles.
+        "median_epoch_seconds": statistics.median(e["seconds"] for e in run["epochs"][1:])
+        if len(run["epochs"]) > 1
+        else None,
         "history": run["epochs"],
         "train_peak_rss_mib": run["peak_rss_mib"],
         "evaluation_peak_rss_mib": peak["peak_rss_bytes"] / 2**20,
@@ -143,12 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: result[k] for k in ("bound_nll_per_step", "is_nll_per_step", "epochs")}))
     print(f"wrote {out}")
     return 0
-
-
-def median_epoch_seconds(epochs: list[dict]) -> float | None:
-    """Median wall seconds of the training epochs given (validation not counted)."""
-    seconds = [e["seconds"] for e in epochs if "seconds" in e]
-    return statistics.median(seconds) if seconds else None
 
 
 if __name__ == "__main__":
