@@ -240,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="split batches with more padded steps (sequences x steps) than this into "
         "micro-batches whose gradients are summed: caps memory on long sequences (0: never)",
     )
+    train.add_argument(
+        "--dropout",
+        type=float,
+        default=t.dropout,
+        help="dmm, vrnn: rate of dropout on the emission network's input while training "
+        "(objective elbo or iwae; evaluation never drops)",
+    )
     train.add_argument("--eval-every", type=int, default=t.eval_every, help="0: only at the end")
     train.add_argument("--eval-samples", type=int, default=t.eval_samples)
     _add_model_flags(train)

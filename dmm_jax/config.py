@@ -253,6 +253,9 @@ class TrainConfig:
     lr_schedule: str = "exponential"
     annealing_schedule: str = "linear"
     early_stopping_patience: int = 0
+    # Inverted dropout on the emission network's input during training (families whose
+    # model takes ``dropout``: dmm, vrnn); evaluation and generation never drop.
+    dropout: float = 0.0
 
     def __post_init__(self):
         positive = (
@@ -290,6 +293,13 @@ class TrainConfig:
             raise ValueError("TrainConfig.minimum_annealing_factor must be in (0, 1]")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("TrainConfig.lr_decay must be in (0, 1]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout and self.objective == "fivo":
+            raise ValueError(
+                "TrainConfig.dropout applies to the model's trace (objective 'elbo' or 'iwae'); "
+                "the particle filter of objective 'fivo' runs the networks itself"
+            )
         if self.objective != "elbo" and self.kl == "analytic":
             raise ValueError(
                 f"TrainConfig.objective={self.objective!r} scores the drawn paths: it needs "

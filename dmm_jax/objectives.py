@@ -43,14 +43,14 @@ def trace_guide_and_model(
 ) -> tuple[Trace, Trace]:
     """Traces the guide under ``params`` and the model replayed on its draws.
 
-    Seeds the guide with the second half of ``split(key)``, as ``Trace_ELBO``, so the same key
-    gives the same draws under either objective.
+    Seeds the model and the guide with the two halves of ``split(key)``, as ``Trace_ELBO``, so
+    the same key gives the same draws (and the same dropout mask) under either objective.
     """
-    _, guide_key = jax.random.split(key)
+    model_key, guide_key = jax.random.split(key)
     seeded_guide = handlers.seed(handlers.substitute(guide, data=params), guide_key)
     guide_trace = handlers.trace(seeded_guide).get_trace(*args, **kwargs)
     replayed = handlers.replay(handlers.substitute(model, data=params), guide_trace)
-    model_trace = handlers.trace(replayed).get_trace(*args, **kwargs)
+    model_trace = handlers.trace(handlers.seed(replayed, model_key)).get_trace(*args, **kwargs)
     return guide_trace, model_trace
 
 

@@ -65,8 +65,15 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
     bound = {"config": model_config}
     if draws_in_model(model_config, train_config):
         bound["draws"] = train_config.particles
+    dropout = {}
+    if train_config.dropout:
+        if not family.dropout:
+            raise ValueError(
+                f"TrainConfig.dropout: the {family.name} family has no dropout (dmm and vrnn do)"
+            )
+        dropout["dropout"] = train_config.dropout
     return SVI(
-        functools.partial(family.model, **bound),
+        functools.partial(family.model, **bound, **dropout),
         functools.partial(family.guide, **bound),
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
         training_objective(model_config, train_config),

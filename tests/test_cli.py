@@ -106,3 +106,5 @@ def test_analytic_kl_with_flows_is_refused_before_loading_data():
         main(["train", "--kl", "analytic", "--num-iafs", "1", "--data", "/nonexistent"])
     with pytest.raises(SystemExit, match="early_stopping_patience needs eval_every"):
         main(["train", "--early-stopping-patience", "2", "--data", "/nonexistent"])
+    with pytest.raises(SystemExit, match="dropout must be in"):
+        main(["train", "--dropout", "1.5", "--data", "/nonexistent"])

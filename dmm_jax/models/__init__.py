@@ -56,6 +56,9 @@ class ModelFamily:
     [S, B, T_q, D] of a continuous-time family at any times (``dmm_jax.models.series_tasks``),
     or None.
 
+    dropout: the model takes ``dropout``, a rate of dropout on its emission network's input
+    (``TrainConfig.dropout``; training only).
+
     draws_in_model: the model and guide take ``draws`` = K and average the ELBO over K draws
     of the latents inside one trace (the Latent ODE: one encoder run, one solve of every
     draw's paths); training with the ELBO over K particles then uses it.
@@ -73,6 +76,7 @@ class ModelFamily:
     particle_filter: Callable | None = None
     predict: Callable | None = None
     draws_in_model: bool = False
+    dropout: bool = False
 
     @property
     def split_metrics(self) -> Callable | None:
@@ -93,7 +97,13 @@ FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
         ModelFamily(
-            "dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm.generation, dmm.particle_filter
+            "dmm",
+            MODEL_CONFIGS["dmm"],
+            dmm.model,
+            dmm.guide,
+            dmm.generation,
+            dmm.particle_filter,
+            dropout=True,
         ),
         ModelFamily(
             "vrnn",
@@ -102,6 +112,7 @@ FAMILIES: dict[str, ModelFamily] = {
             vrnn.guide,
             vrnn.generation,
             vrnn.particle_filter,
+            dropout=True,
         ),
         ModelFamily(
             "latent-ode",

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpyro
 from numpyro.contrib.module import flax_module
 
 Array = jax.Array
@@ -39,6 +40,19 @@ def bound_networks(networks: dict, params: dict) -> dict:
         name: functools.partial(module.apply, {"params": params[f"{name}$params"]})
         for name, (module, _) in networks.items()
     }
+
+
+def emission_dropout(features: Array, rate: float) -> Array:
+    """Inverted dropout on the emission network's input inside a model: each entry zeroed with
+    probability ``rate`` and the rest scaled by 1 / (1 - rate), so its expectation is unchanged;
+    ``rate`` 0 returns ``features`` itself. The mask's key is NumPyro's (``numpyro.prng_key``)."""
+    if rate == 0.0:
+        return features
+    key = numpyro.prng_key()
+    if key is None:
+        raise ValueError("dropout draws a mask: run the model under numpyro.handlers.seed")
+    keep = jax.random.bernoulli(key, 1.0 - rate, features.shape)
+    return jnp.where(keep, features / (1.0 - rate), 0.0)
 
 
 def sequence_mask(lengths: Array, num_steps: int) -> Array:

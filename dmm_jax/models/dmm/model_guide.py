@@ -60,6 +60,7 @@ from dmm_jax.emissions import (
 )
 from dmm_jax.flows import InverseAutoregressiveFlow
 from dmm_jax.models.common import (
+    emission_dropout,
     observed_entries,
     previous_observations,
     sequence_mask,
@@ -159,8 +160,10 @@ def model(
     dt: Array | None = None,
     obs_mask: Array | None = None,
     steps: RealSteps | None = None,
+    dropout: float = 0.0,
 ):
-    """p(x_{1:T}, z_{1:T}) for each sequence of the batch; returns the latents z [B, T, Z]."""
+    """p(x_{1:T}, z_{1:T}) for each sequence of the batch; returns the latents z [B, T, Z].
+    ``dropout``: the rate of dropout on the emitter's input (training only)."""
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
     x, present = observed_entries(x, obs_mask)
@@ -176,6 +179,7 @@ def model(
                 MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates, steps),
             )
         emission_in = with_extras(z, emission_extras(config, inputs, x_prev))
+        emission_in = emission_dropout(emission_in, dropout)
         fill = PADDING_FILL[config.emission]
         decoded = per_real_step(emitter, steps, emission_in, fill=fill)
         per_step = step_emission(config, decoded, weights, present, steps)

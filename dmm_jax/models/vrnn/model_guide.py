@@ -23,7 +23,12 @@ from dmm_jax.emissions import (
     PADDING_FILL,
     emission_distribution,
 )
-from dmm_jax.models.common import observed_entries, sequence_mask, transition_covariates
+from dmm_jax.models.common import (
+    emission_dropout,
+    observed_entries,
+    sequence_mask,
+    transition_covariates,
+)
 from dmm_jax.models.vrnn.networks import (
     decoded_with_weights,
     hidden_before,
@@ -178,10 +183,12 @@ def model(
     dt: Array | None = None,
     obs_mask: Array | None = None,
     steps: RealSteps | None = None,
+    dropout: float = 0.0,
 ):
     """p(x_{1:T}, z_{1:T}) per sequence; returns z [B, T, Z]. Arguments as the DMM's model
     (``dmm_jax.models.dmm``); missing entries (NaN or ``obs_mask`` False) are not scored and
-    are read as 0 by phi_x."""
+    are read as 0 by phi_x. ``dropout``: the rate of dropout on the decoder's input
+    [phi_z(z_t), g_t] (training only)."""
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
     x, present = observed_entries(x, obs_mask)
@@ -196,7 +203,7 @@ def model(
         decoded = per_real_step(
             nets["decoder"],
             steps,
-            jnp.concatenate([features_z, g], axis=-1),
+            emission_dropout(jnp.concatenate([features_z, g], axis=-1), dropout),
             fill=PADDING_FILL[config.emission],
         )
         decoded = decoded_with_weights(nets, config, decoded)

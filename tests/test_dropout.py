@@ -1,0 +1,78 @@
+"""Dropout on the emission network's input while training (``TrainConfig.dropout``): the mask's
+rate and scale, the training loss it changes for the DMM and the VRNN (the model only; a rate
+near 0 leaves every other draw as it was), finite gradients, and the settings it refuses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_binary_batch
+from numpyro import handlers
+
+from dmm_jax.config import DMMConfig, TrainConfig, VRNNConfig
+from dmm_jax.continuous_config import LatentODEConfig
+from dmm_jax.models.common import emission_dropout
+from dmm_jax.step import build_svi, init_train_state
+
+
+def test_the_mask_drops_at_its_rate_and_keeps_the_expectation():
+    features = jnp.ones((200, 500))
+    dropped = handlers.seed(emission_dropout, 0)(features, 0.3)
+    kept = np.asarray(dropped) != 0.0
+    assert abs(1.0 - kept.mean() - 0.3) < 0.01
+    np.testing.assert_allclose(np.asarray(dropped)[kept], 1.0 / 0.7, rtol=1e-6)
+    assert abs(float(dropped.mean()) - 1.0) < 0.02
+    assert emission_dropout(features, 0.0) is features
+    with pytest.raises(ValueError, match="seed"), pytest.warns(UserWarning):
+        emission_dropout(features, 0.3)
+
+
+CONFIGS = {
+    "dmm-aug-nade": DMMConfig(
+        obs_dim=6,
+        z_dim=3,
+        emission_dim=8,
+        transition_dim=8,
+        rnn_dim=10,
+        augmented=True,
+        emission="nade",
+        nade_hidden=5,
+    ),
+    "vrnn": VRNNConfig(obs_dim=6, z_dim=3, rnn_dim=8, feature_dim=6, hidden_dim=6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dropout_changes_the_training_loss_only_through_its_mask(name, key):
+    config = CONFIGS[name]
+    x, lengths = random_binary_batch(1, 3, 7, config.obs_dim, lengths=[7, 4, 2])
+    objective = {"dmm-aug-nade": ("elbo", 1), "vrnn": ("iwae", 2)}[name]
+    svis = {
+        rate: build_svi(
+            config, TrainConfig(dropout=rate, objective=objective[0], particles=objective[1])
+        )
+        for rate in (0.0, 1e-9, 0.5)
+    }
+    params = svis[0.0].get_params(init_train_state(svis[0.0], 0, config.obs_dim).svi_state)
+
+    def loss(rate, params):
+        svi = svis[rate]
+        return svi.loss.loss(key, params, svi.model, svi.guide, x, lengths, 1.0)
+
+    plain = float(loss(0.0, params))
+    # A rate so small that no entry is dropped: the same draws, the same loss.
+    np.testing.assert_allclose(float(loss(1e-9, params)), plain, rtol=1e-5)
+    dropped, grads = jax.value_and_grad(lambda p: loss(0.5, p))(params)
+    assert np.isfinite(float(dropped)) and abs(float(dropped) - plain) > 1e-3, (dropped, plain)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_dropout_settings_that_do_not_combine_are_refused():
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig(dropout=-0.1)
+    with pytest.raises(ValueError, match="fivo"):
+        TrainConfig(dropout=0.2, objective="fivo", particles=2)
+    with pytest.raises(ValueError, match="latent-ode family has no dropout"):
+        build_svi(LatentODEConfig(), TrainConfig(dropout=0.2))
