@@ -46,12 +46,11 @@ CONFIGS = {
 def test_dropout_changes_the_training_loss_only_through_its_mask(name, key):
     config = CONFIGS[name]
     x, lengths = random_binary_batch(1, 3, 7, config.obs_dim, lengths=[7, 4, 2])
-    objective = {"dmm-aug-nade": ("elbo", 1), "vrnn": ("iwae", 2)}[name]
+    # The closed-form-KL ELBO (the DMM's) traces the model as the IWAE bound does; the VRNN's
+    # ELBO is NumPyro's Trace_ELBO, which seeds the model itself.
+    settings = {"dmm-aug-nade": {"kl": "analytic"}, "vrnn": {}}[name]
     svis = {
-        rate: build_svi(
-            config, TrainConfig(dropout=rate, objective=objective[0], particles=objective[1])
-        )
-        for rate in (0.0, 1e-9, 0.5)
+        rate: build_svi(config, TrainConfig(dropout=rate, **settings)) for rate in (0.0, 1e-9, 0.5)
     }
     params = svis[0.0].get_params(init_train_state(svis[0.0], 0, config.obs_dim).svi_state)
 
