@@ -33,7 +33,7 @@ from dmm_jax.data.batching import (
     microbatch_count,
     real_step_capacities,
 )
-from dmm_jax.models import family_of
+from dmm_jax.models import FAMILIES, family_of
 from dmm_jax.objectives import AnalyticKLTraceELBO, FilteringObjective, ImportanceWeightedELBO
 from dmm_jax.optim import clipped_adam
 from dmm_jax.runtime import compiler_options as default_compiler_options
@@ -68,8 +68,9 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
     dropout = {}
     if train_config.dropout:
         if not family.dropout:
+            takes = ", ".join(name for name, f in FAMILIES.items() if f.dropout)
             raise ValueError(
-                f"TrainConfig.dropout: the {family.name} family has no dropout (dmm and vrnn do)"
+                f"TrainConfig.dropout: the {family.name} family has no dropout ({takes} do)"
             )
         dropout["dropout"] = train_config.dropout
     return SVI(

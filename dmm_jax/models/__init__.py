@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -56,9 +57,6 @@ class ModelFamily:
     [S, B, T_q, D] of a continuous-time family at any times (``dmm_jax.models.series_tasks``),
     or None.
 
-    dropout: the model takes ``dropout``, a rate of dropout on its emission network's input
-    (``TrainConfig.dropout``; training only).
-
     draws_in_model: the model and guide take ``draws`` = K and average the ELBO over K draws
     of the latents inside one trace (the Latent ODE: one encoder run, one solve of every
     draw's paths); training with the ELBO over K particles then uses it.
@@ -76,7 +74,12 @@ class ModelFamily:
     particle_filter: Callable | None = None
     predict: Callable | None = None
     draws_in_model: bool = False
-    dropout: bool = False
+
+    @property
+    def dropout(self) -> bool:
+        """Whether the model takes ``dropout``, a rate of dropout on its emission network's
+        input (``TrainConfig.dropout``; training only)."""
+        return "dropout" in inspect.signature(self.model).parameters
 
     @property
     def split_metrics(self) -> Callable | None:
@@ -97,13 +100,7 @@ FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
         ModelFamily(
-            "dmm",
-            MODEL_CONFIGS["dmm"],
-            dmm.model,
-            dmm.guide,
-            dmm.generation,
-            dmm.particle_filter,
-            dropout=True,
+            "dmm", MODEL_CONFIGS["dmm"], dmm.model, dmm.guide, dmm.generation, dmm.particle_filter
         ),
         ModelFamily(
             "vrnn",
@@ -112,7 +109,6 @@ FAMILIES: dict[str, ModelFamily] = {
             vrnn.guide,
             vrnn.generation,
             vrnn.particle_filter,
-            dropout=True,
         ),
         ModelFamily(
             "latent-ode",
