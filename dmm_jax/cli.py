@@ -247,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="dmm, vrnn: rate of dropout on the emission network's input while training "
         "(objective elbo or iwae; evaluation never drops)",
     )
+    train.add_argument(
+        "--transpose",
+        type=int,
+        default=t.transpose,
+        metavar="K",
+        help="piano rolls: transpose each training piece by a random number of semitones in "
+        "[-K, K] at every update, never off the keyboard (validation and test as they are; "
+        "0: never)",
+    )
     train.add_argument("--eval-every", type=int, default=t.eval_every, help="0: only at the end")
     train.add_argument("--eval-samples", type=int, default=t.eval_samples)
     _add_model_flags(train)

@@ -117,6 +117,7 @@ def _train(args: argparse.Namespace) -> int:
             annealing_schedule=args.annealing_schedule,
             early_stopping_patience=args.early_stopping_patience,
             dropout=args.dropout,
+            transpose=args.transpose,
         )
         if train_config.kl == "analytic" and args.num_iafs:
             raise ValueError("--kl analytic is not available with --num-iafs > 0 (use sampled)")

@@ -256,6 +256,10 @@ class TrainConfig:
     # Inverted dropout on the emission network's input during training (families whose
     # model takes ``dropout``: dmm, vrnn); evaluation and generation never drop.
     dropout: float = 0.0
+    # Piano rolls only: each training piece shifted by a random number of semitones in
+    # [-transpose, transpose] at every update, never off the keyboard (dmm_jax.data.transpose);
+    # validation and test are never shifted. 0: never.
+    transpose: int = 0
 
     def __post_init__(self):
         positive = (
@@ -285,6 +289,7 @@ class TrainConfig:
             "weight_decay",
             "microbatch_steps",
             "early_stopping_patience",
+            "transpose",
         )
         for field in nonnegative:
             if getattr(self, field) < 0:

@@ -4,7 +4,8 @@
 ``dmm_jax.step`` and the optimizer of ``dmm_jax.optim``.
 
 Randomness: one root key from ``TrainConfig.seed`` is split into (svi, data, eval) keys; epoch
-e shuffles with ``fold_in(data_key, e)`` and evaluates with ``fold_in(eval_key, e)``, and the
+e shuffles with ``fold_in(data_key, e)`` (and with ``TrainConfig.transpose`` draws batch i's
+shifts from ``fold_in(fold_in(data_key, e), TRANSPOSE_STREAM + i)``) and evaluates with ``fold_in(eval_key, e)``, and the
 SVI state carries its own key, so a run resumed from a checkpoint repeats an uninterrupted one.
 """
 
@@ -45,12 +46,17 @@ from dmm_jax.data.batching import (
     group_real_steps,
 )
 from dmm_jax.data.splits import Batchable, as_batchable
+from dmm_jax.data.transpose import transpose_rolls
 from dmm_jax.evaluate import evaluate_split, particle_filter_split
 from dmm_jax.models import family_of
 from dmm_jax.models.common import example_covariates
 from dmm_jax.optim import annealing_factor
 from dmm_jax.real_steps import grouped_real_steps, real_steps
 from dmm_jax.step import TrainState, UpdateStep, build_svi, init_train_state, real_step_plan
+
+# Transposition keys fold the batch index into the epoch's key above this offset, apart from
+# what the shuffle derives from that key.
+TRANSPOSE_STREAM = 1 << 20
 
 # Settings a resumed run may change without changing what an update computes: how long it runs,
 # how often it evaluates, and real_steps (the same numbers, up to float summation order).
@@ -276,6 +282,9 @@ def train_epoch(
             x, lengths = data.batch(indices, config.batch_size)
         else:  # each process reads only the rows its devices hold
             x, lengths = distributed.global_batch(data, indices, config.batch_size, update.mesh)
+        if config.transpose:
+            key = jax.random.fold_in(epoch_key, TRANSPOSE_STREAM + i)
+            x = transpose_rolls(key, jnp.asarray(x), config.transpose)
         factor = annealing_factor(epoch, i, len(batches), config)
         cov = covariates(indices, shapes[i], lengths, batch_slots[i])
         svi_state, loss = update(svi_state, x, lengths, factor, **cov)
@@ -334,6 +343,10 @@ def fit(
     train_config = train_config or TrainConfig()
     say = log or (lambda line: None)
     train_data = _batchable(train, "train", model_config)
+    if train_config.transpose and not isinstance(train_data, PaddedSequences):
+        raise ValueError(
+            "TrainConfig.transpose shifts piano rolls; the training data are real-valued arrays"
+        )
     eval_sets = {
         name: _batchable(split, name, model_config)
         for name, split in (("val", valid), ("test", test))

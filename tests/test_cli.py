@@ -108,3 +108,5 @@ def test_analytic_kl_with_flows_is_refused_before_loading_data():
         main(["train", "--early-stopping-patience", "2", "--data", "/nonexistent"])
     with pytest.raises(SystemExit, match="dropout must be in"):
         main(["train", "--dropout", "1.5", "--data", "/nonexistent"])
+    with pytest.raises(SystemExit, match="transpose must be >= 0"):
+        main(["train", "--transpose", "-3", "--data", "/nonexistent"])
