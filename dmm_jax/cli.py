@@ -354,8 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--png", default=None, help="folder for impute_NNN.png")
     imp.add_argument("--png-count", type=int, default=2, help="how many sequences to draw")
 
-    plot = sub.add_parser("plot", help="training/validation/test curves from a --log-json file")
-    plot.add_argument("--log", required=True, help="the JSON-lines file of dmm-jax train")
+    plot = sub.add_parser(
+        "plot", help="training/validation/test curves from --log-json files (several: compared)"
+    )
+    plot.add_argument(
+        "--log",
+        required=True,
+        action="append",
+        help="the JSON-lines file of dmm-jax train; given more than once, the runs' validation "
+        "and training curves are drawn side by side",
+    )
+    plot.add_argument(
+        "--label", action="append", default=None, help="a name per --log (default: file names)"
+    )
     plot.add_argument("--out", required=True, help="PNG file to write")
     return parser
 

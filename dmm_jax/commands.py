@@ -38,6 +38,7 @@ from dmm_jax.generate import (
 from dmm_jax.models import family_of
 from dmm_jax.music import write_midi
 from dmm_jax.plots import (
+    comparison_figure,
     forecast_figure,
     piano_roll_figure,
     posterior_figure,
@@ -505,11 +506,21 @@ def _impute(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    labels = args.label or [Path(log).stem for log in args.log]
     try:
-        figure = training_curves_figure(read_training_log(args.log))
+        if len(labels) != len(args.log):
+            raise ValueError(f"{len(labels)} --label for {len(args.log)} --log files")
+        logs = {label: read_training_log(log) for label, log in zip(labels, args.log, strict=True)}
+        if len(logs) != len(args.log):
+            raise ValueError("two --log files share a label; name them with --label")
+        if len(logs) == 1:
+            figure = training_curves_figure(next(iter(logs.values())))
+        else:
+            figure = comparison_figure(logs)
     except (OSError, ValueError) as err:
         raise SystemExit(f"dmm-jax plot: {err}") from err
-    print(json.dumps({"log": str(args.log), "png": str(save_png(figure, args.out))}))
+    logged = args.log[0] if len(args.log) == 1 else args.log
+    print(json.dumps({"log": logged, "png": str(save_png(figure, args.out))}))
     return 0
 
 

@@ -1,5 +1,5 @@
 """Pictures: piano rolls, forecasts against the truth, series extrapolated in continuous time,
-training curves (matplotlib, Agg).
+training curves of one run or several side by side (matplotlib, Agg).
 
 Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through pyplot,
 so nothing here needs a display or touches global backend state. ``save_png`` writes
@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,44 @@ def training_curves_figure(records: Sequence[dict[str, Any]]) -> Figure:
     axes.legend()
     axes.grid(alpha=0.3)
     return figure
+
+
+def comparison_figure(runs: Mapping[str, Sequence[dict[str, Any]]], span: float = 3.0) -> Figure:
+    """Several runs' curves on one axis, one colour per run: validation bound where evaluated
+    (solid, markers), training loss every epoch (thin, dashed), so runs that overfit stand
+    apart. The y axis shows ``span`` nats per step above the lowest value (early epochs sit
+    far higher)."""
+    if not runs:
+        raise ValueError("no runs to compare")
+    figure = _new_figure(7.0, 4.5)
+    axes = figure.subplots()
+    values = []
+    for (label, records), color in zip(runs.items(), _colors(len(runs)), strict=True):
+        train = [
+            (r["epoch"], r["train_loss_per_step"]) for r in records if "train_loss_per_step" in r
+        ]
+        val = [(r["epoch"], r["val_loss_per_step"]) for r in records if "val_loss_per_step" in r]
+        if not val:
+            raise ValueError(f"run {label!r} has no validation values (val_loss_per_step)")
+        axes.plot(*zip(*val, strict=True), marker="o", markersize=3, color=color, label=label)
+        if train:
+            axes.plot(*zip(*train, strict=True), linestyle="--", linewidth=0.8, color=color)
+        values += [v for _, v in train + val]
+    lowest = min(values)
+    axes.set_ylim(lowest - 0.05 * span, lowest + span)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("nats per time step")
+    axes.set_title("validation bound (solid), training loss (dashed)", fontsize="medium")
+    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def _colors(count: int) -> list:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return [palette(i % 10) for i in range(count)]
 
 
 def posterior_figure(roll, mean, quantiles, dims: Sequence[int] = (0, 1, 2, 3)) -> Figure:

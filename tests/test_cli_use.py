@@ -140,6 +140,14 @@ def test_plot_draws_a_training_log(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit, match="no training log at .*missing.jsonl"):
         main(["plot", "--log", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d.png")])
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"epoch": 0, "train_loss_per_step": 8.0, "val_loss_per_step": 8.5}))
+    log.write_text(json.dumps({"epoch": 0, "train_loss_per_step": 9.0, "val_loss_per_step": 9.5}))
+    both = ["plot", "--log", str(log), "--log", str(other), "--out", str(tmp_path / "e.png")]
+    assert main(both) == 0
+    assert (tmp_path / "e.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit, match="1 --label for 2 --log files"):
+        main([*both, "--label", "a"])
 
 
 def test_posterior_writes_the_library_summaries(checkpoint, data_file, tmp_path, capsys):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dmm_jax.plots import (
+    comparison_figure,
     forecast_figure,
     piano_roll_figure,
     posterior_figure,
@@ -91,3 +92,24 @@ def test_posterior_figure_draws_each_latent_mean_and_band():
     np.testing.assert_array_equal(lines[1].get_ydata(), mean[:, 1])
     with pytest.raises(ValueError, match="must match"):
         posterior_figure(roll[:5], mean, quantiles)
+
+
+def test_comparison_draws_each_runs_validation_and_training_curves_in_one_colour():
+    runs = {
+        "a": [
+            {"epoch": 0, "train_loss_per_step": 30.0},
+            {"epoch": 1, "train_loss_per_step": 6.0, "val_loss_per_step": 7.0},
+        ],
+        "b": [{"epoch": 1, "train_loss_per_step": 5.0, "val_loss_per_step": 6.5}],
+    }
+    axes = comparison_figure(runs, span=2.0).axes[0]
+    lines = [
+        (line.get_label(), line.get_xydata().tolist(), line.get_color()) for line in axes.lines
+    ]
+    (a_val, a_train, b_val, b_train) = lines
+    assert a_val[:2] == ("a", [[1, 7.0]]) and a_train[1] == [[0, 30.0], [1, 6.0]]
+    assert b_val[:2] == ("b", [[1, 6.5]]) and b_train[1] == [[1, 5.0]]
+    assert a_val[2] == a_train[2] != b_val[2] == b_train[2]
+    assert axes.get_ylim() == pytest.approx((5.0 - 0.1, 7.0))  # span above the lowest value
+    with pytest.raises(ValueError, match="run 'c' has no validation values"):
+        comparison_figure({"c": [{"epoch": 0, "train_loss_per_step": 1.0}]})
