@@ -195,3 +195,20 @@ def test_ode_function_flops_counts_every_evaluation_of_the_chain():
         seconds = row[f"{name}_microseconds"] * 1e-6
         assert seconds > 0
         assert math.isclose(row[f"{name}_gflops_per_s"], passes * flops / seconds / 1e9)
+
+
+def test_plot_quality_draws_result_files_and_names_a_file_without_history(tmp_path):
+    plot_quality = load_benchmark("plot_quality")
+    history = [
+        {"epoch": 0, "train_loss_per_step": 9.0},
+        {"epoch": 1, "train_loss_per_step": 7.0, "val_loss_per_step": 7.5},
+    ]
+    first = tmp_path / "quality_jsb_first_cpu_epyc_2026-12.json"
+    first.write_text(json.dumps({"history": history}))
+    empty = tmp_path / "quality_jsb_empty_cpu_epyc_2026-12.json"
+    empty.write_text(json.dumps({"history": []}))
+    out = tmp_path / "curves.png"
+    assert plot_quality.main([str(first), f"{first}:again", "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(SystemExit, match="empty_cpu.*empty history"):
+        plot_quality.main([str(first), str(empty), "--out", str(out)])
