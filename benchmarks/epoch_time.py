@@ -114,6 +114,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_signature() -> str:
+    """The CPU's family, model and stepping numbers (Linux; '' elsewhere): they tell apart
+    machines whose model name is only a brand, as 'AMD EPYC' on some virtual machines."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in ("cpu family", "model", "stepping") and name not in fields:
+                fields[name] = value.strip()
+    except OSError:
+        return ""
+    return " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+
+
 def minutes_for_5000_epochs(seconds_per_epoch: float) -> float:
     """The reference's 5000 training epochs at this speed, in minutes (aim on a GPU: <= 10)."""
     return 5000 * seconds_per_epoch / 60
@@ -137,7 +152,12 @@ def provenance(script: str, argv: list[str]) -> dict:
     return {
         "command": shlex.join(["python", f"benchmarks/{script}", *argv]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": len(os.sched_getaffinity(0))},
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_signature": cpu_signature(),
+            "cpu_count": len(os.sched_getaffinity(0)),  # the cores this process may use
+            "cpus_on_machine": os.cpu_count(),
+        },
         "versions": package_versions(),
     }
 

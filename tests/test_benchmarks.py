@@ -186,6 +186,8 @@ def test_quality_trains_scores_and_names_its_result_file(tmp_path, capsys):
     assert result["is_nll_per_step"] <= result["bound_nll_per_step"]
     assert result["pf_nll_per_step"] < result["bound_nll_per_step"]
     assert result["command"].startswith("python benchmarks/quality.py --config tiny-nade")
+    machine = result["machine"]
+    assert 1 <= machine["cpu_count"] <= machine["cpus_on_machine"] and "cpu_signature" in machine
 
 
 def test_ode_function_flops_counts_every_evaluation_of_the_chain():
