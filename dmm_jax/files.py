@@ -10,7 +10,8 @@ from pathlib import Path
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes ``data`` to a temporary file beside ``path``, syncs it and renames it over ``path``.
 
-    Creates the parent folder if needed; returns the path written.
+    Creates the parent folder if needed; the file gets the permissions ``open`` would give it
+    (0o666 less the umask, where the temporary file alone would be private). Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,9 +20,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask

@@ -248,3 +248,16 @@ def test_init_params_of_another_model_are_refused(tiny_config, tmp_path):
     more = {**small.params, "extra": np.zeros(2)}
     with pytest.raises(ValueError, match="parameters this model lacks: extra"):
         fit(data, model_config=tiny_config, train_config=CFG, init_params=more)
+
+
+def test_atomic_writes_give_the_file_the_permissions_open_would(tmp_path):
+    from dmm_jax.files import atomic_write_bytes
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_bytes(tmp_path / "sub" / "f.png", b"data")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"data"
+    assert path.stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+    assert os.listdir(tmp_path / "sub") == ["f.png"]
