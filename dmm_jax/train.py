@@ -4,9 +4,10 @@
 ``dmm_jax.step`` and the optimizer of ``dmm_jax.optim``.
 
 Randomness: one root key from ``TrainConfig.seed`` is split into (svi, data, eval) keys; epoch
-e shuffles with ``fold_in(data_key, e)`` (and with ``TrainConfig.transpose`` draws batch i's
-shifts from ``fold_in(fold_in(data_key, e), TRANSPOSE_STREAM + i)``) and evaluates with ``fold_in(eval_key, e)``, and the
-SVI state carries its own key, so a run resumed from a checkpoint repeats an uninterrupted one.
+e shuffles with ``fold_in(data_key, e)`` and evaluates with ``fold_in(eval_key, e)``; with
+``TrainConfig.transpose`` batch i of epoch e is transposed with ``fold_in(fold_in(data_key, e),
+TRANSPOSE_STREAM + i)``. The SVI state carries its own key, so a run resumed from a checkpoint
+repeats an uninterrupted one.
 """
 
 from __future__ import annotations

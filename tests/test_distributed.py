@@ -108,8 +108,9 @@ def test_multi_sample_objectives_update_alike_on_4_devices_and_one(runs, objecti
 
 
 def test_two_processes_of_2_devices_agree_with_one_device_in_training_and_evaluation(runs):
-    """Two epochs of fit (batches of 8, the last holding 6) with a validation evaluation, then
-    the importance-sampled estimator over 9 sequences in batches of 8 (padded, sharded)."""
+    """Two epochs of fit (batches of 8, the last holding 6, transposed) with a validation
+    evaluation, then the importance-sampled estimator over 9 sequences in batches of 8
+    (padded, sharded)."""
     assert runs["single"]["device_count"] == 1
     assert runs["processes"]["device_count"] == 4  # 2 processes x 2 devices, one global mesh
     four, one = runs["processes"]["fit"], runs["single"]["fit"]
