@@ -1,6 +1,6 @@
 """Validation and training curves of several ``benchmarks/quality.py`` runs on one figure.
 
-    python benchmarks/plot_quality.py --out docs/images/jsb_vrnn_nade_dropout.png \\
+    python benchmarks/plot_quality.py --out docs/images/jsb_vrnn_nade_regularisation.png \\
         benchmarks/results/quality_jsb_vrnn-nade_cpu_epyc_2026-12.json:"no dropout" \\
         benchmarks/results/quality_jsb_vrnn-nade-dropout50_cpu_epyc_2026-12.json:"dropout 0.5"
 
