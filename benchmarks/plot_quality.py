@@ -5,7 +5,9 @@
         benchmarks/results/quality_jsb_vrnn-nade-dropout50_cpu_epyc_2026-12.json:"dropout 0.5"
 
 Each argument is a result file, optionally followed by ``:LABEL`` (default: its config name);
-its per-epoch ``history`` is drawn as ``dmm-jax plot`` draws several training logs.
+its per-epoch ``history`` is drawn as ``dmm-jax plot`` draws several training logs. Under the
+axes the figure names this command, the result files, and the machines, versions and dates of
+the runs as their files record them.
 """
 
 from __future__ import annotations
@@ -18,15 +20,46 @@ from pathlib import Path
 from dmm_jax.plots import comparison_figure, save_png
 
 
-def read_history(path: Path) -> list[dict]:
-    """The per-epoch records of a quality result file."""
+def read_result(path: Path) -> dict:
+    """A quality result file with a non-empty per-epoch ``history``."""
     try:
-        history = json.loads(path.read_text())["history"]
+        result = json.loads(path.read_text())
+        history = result["history"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise SystemExit(f"{path}: not a quality result file with a history ({err})") from err
     if not history:
         raise SystemExit(f"{path}: empty history (a run scored from a checkpoint)")
-    return history
+    return result
+
+
+def config_name(path: Path) -> str:
+    """'quality_<dataset>_<config>_<machine>_<yyyy-mm>.json' -> '<config>'."""
+    return path.stem.split("_")[2]
+
+
+def footnote(out: str, paths: list[Path], results: list[dict]) -> str:
+    """Where the figure comes from: the command, the result files, and the runs' machines,
+    jax versions and dates (as recorded in the files)."""
+    machines = []
+    for result in results:
+        machine = result.get("machine", {})
+        signature = machine.get("cpu_signature")
+        cores = machine.get("cpu_count")
+        text = machine.get("cpu_model", "unknown CPU") + (f" ({signature})" if signature else "")
+        text += f", {cores} core{'s' if cores != 1 else ''} used" if cores else ""
+        if text not in machines:
+            machines.append(text)
+    versions = sorted({r.get("versions", {}).get("jax", "?") for r in results})
+    dates = sorted({r.get("date", "?") for r in results})
+    names = ", ".join(config_name(p) for p in paths)
+    return "\n".join(
+        [
+            f"python benchmarks/plot_quality.py --out {out} RESULT.json:LABEL ...",
+            f"result files: {paths[0].parent}/quality_*_{{{names}}}_*.json",
+            f"runs (python benchmarks/quality.py, commands in the files): {'; '.join(machines)}",
+            f"jax {', '.join(versions)}; {', '.join(dates)}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--span", type=float, default=3.0, help="nats per step shown")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    runs = {}
+    paths, labels = [], []
     for item in args.results:
         name, _, label = item.partition(".json:")
-        path = Path(name if name.endswith(".json") else name + ".json")
-        runs[label or path.stem.split("_")[2]] = read_history(path)
-    print(save_png(comparison_figure(runs, span=args.span), args.out))
+        paths.append(Path(name if name.endswith(".json") else name + ".json"))
+        labels.append(label or config_name(paths[-1]))
+    results = [read_result(path) for path in paths]
+    runs = {label: result["history"] for label, result in zip(labels, results, strict=True)}
+    note = footnote(args.out, paths, results)
+    print(save_png(comparison_figure(runs, span=args.span, footnote=note), args.out))
     return 0
 
 

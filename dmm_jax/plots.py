@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -170,14 +172,23 @@ def training_curves_figure(records: Sequence[dict[str, Any]]) -> Figure:
     return figure
 
 
-def comparison_figure(runs: Mapping[str, Sequence[dict[str, Any]]], span: float = 3.0) -> Figure:
+def comparison_figure(
+    runs: Mapping[str, Sequence[dict[str, Any]]], span: float = 3.0, footnote: str = ""
+) -> Figure:
     """Several runs' curves on one axis, one colour per run: validation bound where evaluated
     (solid, markers), training loss every epoch (thin, dashed), so runs that overfit stand
     apart. The y axis shows ``span`` nats per step above the lowest value (early epochs sit
-    far higher)."""
+    far higher). ``footnote`` (e.g. the command, machine and date behind the runs) is printed
+    under the axes."""
     if not runs:
         raise ValueError("no runs to compare")
-    figure = _new_figure(7.0, 4.5)
+    # Wrapped to the figure's width (about 125 characters of x-small text on 7 inches).
+    footnote = "\n".join(
+        "\n".join(textwrap.wrap(line, 125, subsequent_indent="  "))
+        for line in footnote.splitlines()
+    )
+    lines = footnote.count("\n") + 1 if footnote else 0
+    figure = _new_figure(7.0, 4.5 + 0.15 * lines)
     axes = figure.subplots()
     values = []
     for (label, records), color in zip(runs.items(), _colors(len(runs)), strict=True):
@@ -198,12 +209,12 @@ def comparison_figure(runs: Mapping[str, Sequence[dict[str, Any]]], span: float 
     axes.set_title("validation bound (solid), training loss (dashed)", fontsize="medium")
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
+    if footnote:
+        figure.supxlabel(footnote, fontsize="x-small", ha="left", x=0.01)
     return figure
 
 
 def _colors(count: int) -> list:
-    from matplotlib import colormaps
-
     palette = colormaps["tab10"]
     return [palette(i % 10) for i in range(count)]
 

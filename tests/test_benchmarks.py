@@ -206,11 +206,21 @@ def test_plot_quality_draws_result_files_and_names_a_file_without_history(tmp_pa
         {"epoch": 1, "train_loss_per_step": 7.0, "val_loss_per_step": 7.5},
     ]
     first = tmp_path / "quality_jsb_first_cpu_epyc_2026-12.json"
-    first.write_text(json.dumps({"history": history}))
+    provenance = {
+        "machine": {"cpu_model": "AMD EPYC", "cpu_signature": "cpu family 26", "cpu_count": 1},
+        "versions": {"jax": "0.10.2"},
+        "date": "2026-12-07",
+    }
+    first.write_text(json.dumps({"history": history, **provenance}))
     empty = tmp_path / "quality_jsb_empty_cpu_epyc_2026-12.json"
     empty.write_text(json.dumps({"history": []}))
     out = tmp_path / "curves.png"
     assert plot_quality.main([str(first), f"{first}:again", "--out", str(out)]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
+    note = plot_quality.footnote(str(out), [first], [json.loads(first.read_text())])
+    assert note.startswith(f"python benchmarks/plot_quality.py --out {out}")
+    assert f"result files: {tmp_path}/quality_*_{{first}}_*.json" in note
+    assert "AMD EPYC (cpu family 26), 1 core used" in note
+    assert note.endswith("jax 0.10.2; 2026-12-07")
     with pytest.raises(SystemExit, match="empty_cpu.*empty history"):
         plot_quality.main([str(first), str(empty), "--out", str(out)])

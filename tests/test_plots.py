@@ -111,5 +111,9 @@ def test_comparison_draws_each_runs_validation_and_training_curves_in_one_colour
     assert b_val[:2] == ("b", [[1, 6.5]]) and b_train[1] == [[1, 5.0]]
     assert a_val[2] == a_train[2] != b_val[2] == b_train[2]
     assert axes.get_ylim() == pytest.approx((5.0 - 0.1, 7.0))  # span above the lowest value
+    footnote = "command " + "x" * 200 + "\nmachine, date"
+    figure = comparison_figure(runs, footnote=footnote)
+    [text] = [t for t in figure.texts if t.get_text()]
+    assert text.get_text().replace("\n  ", "").replace("\n", " ") == footnote.replace("\n", " ")
     with pytest.raises(ValueError, match="run 'c' has no validation values"):
         comparison_figure({"c": [{"epoch": 0, "train_loss_per_step": 1.0}]})
