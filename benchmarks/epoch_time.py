@@ -27,6 +27,7 @@ Needs `pip install -e .[bench]` for the reference (torch 2.13.0 CPU + pyro-ppl).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -103,29 +104,28 @@ def floor_seconds(
     return sequential / loop_gflops / 1e9 + batched / matmul_gflops / 1e9
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (Linux; empty elsewhere), read once."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_signature() -> str:
     """The CPU's family, model and stepping numbers (Linux; '' elsewhere): they tell apart
     machines whose model name is only a brand, as 'AMD EPYC' on some virtual machines."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            name = name.strip()
-            if name in ("cpu family", "model", "stepping") and name not in fields:
-                fields[name] = value.strip()
-    except OSError:
-        return ""
+    fields = _cpuinfo()
     return " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
 
 
