@@ -223,7 +223,8 @@ class NADE(Distribution):
 
     def log_prob(self, value: Array) -> Array:
         weights, readout = self.weights, self.readout
-        if self.steps is not None:  # rows [R, ...]: the shared weights without leading axes
+        shared = math.prod(weights.shape[:-2]) == 1 and math.prod(readout.shape[:-2]) == 1
+        if shared:  # one W and V for every step: drop their leading unit axes
             weights, readout = (a.reshape(a.shape[-2:]) for a in (weights, readout))
 
         def score(hidden_bias, visible_bias, value, present):
@@ -231,8 +232,21 @@ class NADE(Distribution):
             log_p = value * jax.nn.log_sigmoid(logits) + (1 - value) * jax.nn.log_sigmoid(-logits)
             return jnp.sum(log_p if present is None else jnp.where(present, log_p, 0.0), axis=-1)
 
+        def score_steps(*args):
+            shape = jnp.broadcast_shapes(*(a.shape[:-1] for a in args if a is not None))
+            if not shared or math.prod(shape) <= NADE_CHUNK_ROWS:
+                return score(*args)
+
+            def as_rows(a):  # [*shape, n] -> [steps, n]
+                if a is None:
+                    return None
+                return jnp.broadcast_to(a, shape + a.shape[-1:]).reshape(-1, a.shape[-1])
+
+            rows = [as_rows(a) for a in args]
+            return in_row_chunks(score, NADE_CHUNK_ROWS, *rows).reshape(shape)
+
         args = (self.hidden_bias, self.visible_bias, value, self.present)
-        return per_real_step(score, self.steps, *args)
+        return per_real_step(score_steps, self.steps, *args)
 
     def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         shape = sample_shape + self.batch_shape
@@ -258,6 +272,31 @@ class NADE(Distribution):
 
 # Notes per block of the NADE's cumulative sum (88 keys: 11 blocks, no padding).
 _NADE_BLOCK = 8
+# Steps whose NADE log densities are computed at once. Each step holds [notes, hidden]
+# activations (88 x 100 floats on piano rolls): a Nottingham training batch of 20 pieces of
+# 1,792 steps would hold 1.3 GB per such array, several of them kept for the gradient. More
+# steps than this are scored in chunks of this many, each recomputed in the backward pass, so
+# memory holds one chunk's activations. No JSB training batch (at most 20 x 144 steps) is
+# chunked.
+NADE_CHUNK_ROWS = 4096
+
+
+def in_row_chunks(fn, chunk: int, *rows: Array | None) -> Array:
+    """``fn(*rows)`` -> [N] for arrays [N, ...] (None passes through), computed ``chunk`` rows
+    at a time (the last chunk padded with zeros, dropped after) in a ``lax.map`` of a
+    ``jax.checkpoint``-ed ``fn``: its activations are recomputed in the backward pass instead
+    of kept for every chunk. The same values and gradients as ``fn(*rows)``."""
+    count = -(-rows[0].shape[0] // chunk)
+
+    def split(a):
+        if a is None:
+            return None
+        a = jnp.pad(a, [(0, count * chunk - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(count, chunk, *a.shape[1:])
+
+    remat = jax.checkpoint(lambda parts: fn(*parts), prevent_cse=False)
+    out = jax.lax.map(remat, tuple(split(a) for a in rows))
+    return out.reshape(-1)[: rows[0].shape[0]]
 
 
 def _nade_logits(hidden_bias, visible_bias, weights, readout, value: Array) -> Array:

@@ -16,6 +16,7 @@ from conftest import init_params, random_binary_batch, write_tiny_chorales
 from numpyro.infer import Trace_ELBO
 from scipy import stats
 
+from dmm_jax import emissions
 from dmm_jax.cli import main
 from dmm_jax.config import DMMConfig, VRNNConfig
 from dmm_jax.emissions import NADE, note_logits
@@ -128,6 +129,55 @@ def test_missing_notes_are_not_scored_and_read_as_given():
     logits = nade.conditional_logits(x)
     per_note = x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits)
     np.testing.assert_allclose(masked, jnp.sum(jnp.where(present, per_note, 0.0)), rtol=1e-6)
+
+
+def test_many_steps_are_scored_in_chunks_with_the_same_values_and_gradients(monkeypatch):
+    # More steps than NADE_CHUNK_ROWS: the chunked path (rows padded to whole chunks, each
+    # recomputed in the backward pass) against the whole batch at once, with missing notes,
+    # biases broadcast over a leading axis, and the weights' leading unit axes of the models.
+    keys = jax.random.split(jax.random.PRNGKey(5), 6)
+    hidden_bias = jax.random.normal(keys[0], (1, 37, HIDDEN))
+    visible_bias = jax.random.normal(keys[1], (3, 37, NOTES))
+    weights = jax.random.normal(keys[2], (1, 1, HIDDEN, NOTES))
+    readout = jax.random.normal(keys[3], (1, 1, NOTES, HIDDEN))
+    x = (jax.random.uniform(keys[4], (3, 37, NOTES)) < 0.3).astype(jnp.float32)
+    present = jax.random.uniform(keys[5], (3, 37, NOTES)) < 0.8
+
+    def total(chunk, *params):
+        monkeypatch.setattr(emissions, "NADE_CHUNK_ROWS", chunk)
+        log_p = NADE(*params, present=present).log_prob(x)
+        return jnp.sum(jnp.cos(log_p)), log_p
+
+    params = (hidden_bias, visible_bias, weights, readout)
+    grad = jax.grad(total, argnums=(1, 2, 3, 4), has_aux=True)
+    whole, whole_log_p = grad(10**6, *params)
+    chunked, chunked_log_p = grad(16, *params)  # 111 steps: 7 chunks, the last one padded
+    assert chunked_log_p.shape == (3, 37)
+    np.testing.assert_allclose(chunked_log_p, whole_log_p, rtol=1e-6)
+    for got, want in zip(chunked, whole):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_bound_the_memory_of_the_gradient(monkeypatch):
+    # A Nottingham-sized batch (20 pieces of 1,792 steps, 88 notes, 100 hidden units): XLA's
+    # temporary buffers for the log density's gradient, whole batch against chunks.
+    rows, notes, hidden = 20 * 1792, 88, 100
+    shapes = [(rows, hidden), (rows, notes), (hidden, notes), (notes, hidden), (rows, notes)]
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+
+    def temp_mib(chunk):
+        monkeypatch.setattr(emissions, "NADE_CHUNK_ROWS", chunk)
+
+        def loss(hidden_bias, visible_bias, weights, readout, x):
+            return jnp.sum(NADE(hidden_bias, visible_bias, weights, readout).log_prob(x))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    chunked, whole = temp_mib(emissions.NADE_CHUNK_ROWS), temp_mib(rows)
+    one_array = rows * notes * hidden * 4 / 2**20  # 1203 MiB: [steps, notes, hidden] floats
+    assert whole > 2 * one_array
+    assert chunked < one_array / 2
 
 
 # ----------------------------------------------------------------------------- in the models

@@ -11,7 +11,7 @@ from conftest import init_params, random_binary_batch
 
 from dmm_jax.evaluate import elbo_per_sequence
 from dmm_jax.nn import BackwardEncoder, Combiner
-from dmm_jax.scans import RELU_CAP
+from dmm_jax.scans import RELU_CAP, scan_up_to
 
 RTOL = 1e-5
 
@@ -142,3 +142,61 @@ def test_whole_elbo_and_gradients_match_plain_autodiff(tiny_config, key, cell):
     plain_value, plain_grads = loss(plain_cfg)(params)
     np.testing.assert_allclose(fast_value, plain_value, rtol=RTOL)
     _assert_trees_close(fast_grads, plain_grads)
+
+
+def _tanh_rnn(weights):
+    def step(h, x_t):
+        h = jnp.tanh(x_t + h @ weights)
+        return h, (h, jnp.sum(h, -1))
+
+    return step
+
+
+def test_scan_up_to_stops_at_the_longest_sequence_with_the_same_gradients():
+    # Against lax.scan over the first `num_steps` steps only: the same carry, outputs filled
+    # past it, and the same gradients with respect to the weights the step closes over.
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    weights = 0.3 * jax.random.normal(keys[0], (8, 8))
+    inputs = jax.random.normal(keys[1], (12, 3, 8))
+    start = jax.random.normal(keys[2], (3, 8))
+
+    def up_to(w):
+        carry, (states, sums) = scan_up_to(_tanh_rnn(w), start, inputs, jnp.asarray(7), (0.0, 2.0))
+        return carry, states, sums
+
+    def truncated(w):
+        carry, (states, sums) = jax.lax.scan(_tanh_rnn(w), start, inputs[:7])
+        return carry, states, sums
+
+    carry, states, sums = up_to(weights)
+    want_carry, want_states, want_sums = truncated(weights)
+    np.testing.assert_allclose(carry, want_carry, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(states[:7], want_states, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sums[:7], want_sums, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(states[7:], 0.0)
+    np.testing.assert_array_equal(sums[7:], 2.0)
+
+    def loss(f):
+        return lambda w: sum(jnp.sum(jnp.sin(a)) for a in f(w)[:2])
+
+    np.testing.assert_allclose(
+        jax.grad(loss(up_to))(weights), jax.grad(loss(truncated))(weights), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_scan_up_to_keeps_no_copy_of_the_weights_per_step():
+    # The gradient of a long scan over one sequence whose step closes over a [256, 256]
+    # matrix: the residuals kept for the backward pass are per-step activations, not a copy
+    # of the matrix per step (256 KiB each, 256 MiB over 1,000 steps).
+    steps, width = 1000, 256
+    weights = jax.ShapeDtypeStruct((width, width), jnp.float32)
+    inputs = jax.ShapeDtypeStruct((steps, 1, width), jnp.float32)
+
+    def loss(w, x):
+        _, (states, _) = scan_up_to(_tanh_rnn(w), jnp.zeros((1, width)), x, jnp.asarray(900))
+        return jnp.sum(states)
+
+    compiled = jax.jit(jax.grad(loss)).lower(weights, inputs).compile()
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    copies_mib = steps * width * width * 4 / 2**20
+    assert temp_mib < copies_mib / 20
