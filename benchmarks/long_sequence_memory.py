@@ -21,7 +21,9 @@ import time
 MIB = 2**20
 
 
-def worker(batch: int, steps: int, microbatch_steps: int, model: str, emission: str) -> dict:
+def worker(
+    batch: int, steps: int, microbatch_steps: int, model: str = "dmm", emission: str = "bernoulli"
+) -> dict:
     import jax
     import numpy as np
 
