@@ -6,14 +6,15 @@
 
 Each argument is a result file, optionally followed by ``:LABEL`` (default: its config name);
 its per-epoch ``history`` is drawn as ``dmm-jax plot`` draws several training logs. Under the
-axes the figure names this command, the result files, and the machines, versions and dates of
-the runs as their files record them.
+axes the figure names this command, and the CPU model, jax version and date of the runs as
+their files record them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,27 +38,22 @@ def config_name(path: Path) -> str:
     return path.stem.split("_")[2]
 
 
-def footnote(out: str, paths: list[Path], results: list[dict]) -> str:
-    """Where the figure comes from: the command, the result files, and the runs' machines,
-    jax versions and dates (as recorded in the files)."""
-    machines = []
-    for result in results:
-        machine = result.get("machine", {})
-        signature = machine.get("cpu_signature")
-        cores = machine.get("cpu_count")
-        text = machine.get("cpu_model", "unknown CPU") + (f" ({signature})" if signature else "")
-        text += f", {cores} core{'s' if cores != 1 else ''} used" if cores else ""
-        if text not in machines:
-            machines.append(text)
+def footnote(out: str, items: list[str], results: list[dict]) -> str:
+    """Where the figure comes from: the command that drew it (``items``: its RESULT.json[:LABEL]
+    arguments), the CPU model, jax version and date of the runs, as their files record them."""
+    cpus = list(
+        dict.fromkeys(r.get("machine", {}).get("cpu_model", "unknown CPU") for r in results)
+    )
     versions = sorted({r.get("versions", {}).get("jax", "?") for r in results})
     dates = sorted({r.get("date", "?") for r in results})
-    names = ", ".join(config_name(p) for p in paths)
+    command = ["python", "benchmarks/plot_quality.py", "--out", out, *items]
     return "\n".join(
         [
-            f"python benchmarks/plot_quality.py --out {out} RESULT.json:LABEL ...",
-            f"result files: {paths[0].parent}/quality_*_{{{names}}}_*.json",
-            f"runs (python benchmarks/quality.py, commands in the files): {'; '.join(machines)}",
-            f"jax {', '.join(versions)}; {', '.join(dates)}",
+            shlex.join(command),
+            (
+                f"runs: python benchmarks/quality.py (commands in the result files); "
+                f"CPU {', '.join(cpus)}; jax {', '.join(versions)}; {', '.join(dates)}"
+            ),
         ]
     )
 
@@ -77,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         labels.append(label or config_name(paths[-1]))
     results = [read_result(path) for path in paths]
     runs = {label: result["history"] for label, result in zip(labels, results, strict=True)}
-    note = footnote(args.out, paths, results)
+    note = footnote(args.out, args.results, results)
     print(save_png(comparison_figure(runs, span=args.span, footnote=note), args.out))
     return 0
 

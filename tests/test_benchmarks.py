@@ -217,10 +217,12 @@ def test_plot_quality_draws_result_files_and_names_a_file_without_history(tmp_pa
     out = tmp_path / "curves.png"
     assert plot_quality.main([str(first), f"{first}:again", "--out", str(out)]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
-    note = plot_quality.footnote(str(out), [first], [json.loads(first.read_text())])
-    assert note.startswith(f"python benchmarks/plot_quality.py --out {out}")
-    assert f"result files: {tmp_path}/quality_*_{{first}}_*.json" in note
-    assert "AMD EPYC (cpu family 26), 1 core used" in note
+    items = [str(first), f"{first}:a label"]
+    result = json.loads(first.read_text())
+    note = plot_quality.footnote(str(out), items, [result, result])
+    command = f"python benchmarks/plot_quality.py --out {out} {first} '{first}:a label'"
+    assert note.splitlines()[0] == command
+    assert "; CPU AMD EPYC; jax" in note  # once, though two runs name it
     assert note.endswith("jax 0.10.2; 2026-12-07")
     with pytest.raises(SystemExit, match="empty_cpu.*empty history"):
         plot_quality.main([str(first), str(empty), "--out", str(out)])
