@@ -144,7 +144,9 @@ ESTIMATORS = ("elbo", "is")
 # sequences (no JSB batch is affected). The draws themselves do not depend on it.
 EVAL_STEP_BUDGET = 2**19
 # A NADE holds [notes, hidden] activations per step (88 x 100 floats on piano rolls), tens of
-# times a factorised emission's: its budget is EVAL_STEP_BUDGET x 512 / (notes x hidden).
+# times a factorised emission's: its budget is EVAL_STEP_BUDGET x 512 / (notes x hidden). Its
+# log density runs in chunks (emissions.NADE_CHUNK_ROWS) anyway, but calls of the full budget
+# were still larger and slower (docs/USAGE.md, "Long sequences").
 _NADE_BUDGET_FLOATS = 512
 
 
