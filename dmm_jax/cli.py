@@ -248,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(objective elbo or iwae; evaluation never drops)",
     )
     train.add_argument(
+        "--input-dropout",
+        type=float,
+        default=t.input_dropout,
+        help="vrnn: rate of dropout on the observations' features entering the model's RNN "
+        "while training (objective elbo or iwae; evaluation never drops)",
+    )
+    train.add_argument(
         "--transpose",
         type=int,
         default=t.transpose,

@@ -118,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
             annealing_schedule=args.annealing_schedule,
             early_stopping_patience=args.early_stopping_patience,
             dropout=args.dropout,
+            input_dropout=args.input_dropout,
             transpose=args.transpose,
         )
         if train_config.kl == "analytic" and args.num_iafs:

@@ -29,6 +29,8 @@ OBJECTIVES = ("elbo", "iwae", "fivo")
 RESAMPLING = ("systematic", "multinomial")  # dmm_jax.filtering
 LR_SCHEDULES = ("exponential", "constant", "cosine")
 ANNEALING_SCHEDULES = ("linear", "cosine")
+# TrainConfig's rates of dropout inside a model, each also the model's keyword for it.
+DROPOUTS = ("dropout", "input_dropout")
 
 
 def option(default: Any, help: str) -> Any:
@@ -256,6 +258,9 @@ class TrainConfig:
     # Inverted dropout on the emission network's input during training (families whose
     # model takes ``dropout``: dmm, vrnn); evaluation and generation never drop.
     dropout: float = 0.0
+    # The same on the observations' features entering the model's RNN (families whose model
+    # takes ``input_dropout``: vrnn).
+    input_dropout: float = 0.0
     # Piano rolls only: each training piece shifted by a random number of semitones in
     # [-transpose, transpose] at every update, never off the keyboard (dmm_jax.data.transpose);
     # validation and test are never shifted. 0: never.
@@ -298,13 +303,15 @@ class TrainConfig:
             raise ValueError("TrainConfig.minimum_annealing_factor must be in (0, 1]")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("TrainConfig.lr_decay must be in (0, 1]")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dropout and self.objective == "fivo":
-            raise ValueError(
-                "TrainConfig.dropout applies to the model's trace (objective 'elbo' or 'iwae'); "
-                "the particle filter of objective 'fivo' runs the networks itself"
-            )
+        for field in DROPOUTS:
+            rate = getattr(self, field)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"TrainConfig.{field} must be in [0, 1), got {rate!r}")
+            if rate and self.objective == "fivo":
+                raise ValueError(
+                    f"TrainConfig.{field} applies to the model's trace (objective 'elbo' or "
+                    "'iwae'); the particle filter of objective 'fivo' runs the networks itself"
+                )
         if self.objective != "elbo" and self.kl == "analytic":
             raise ValueError(
                 f"TrainConfig.objective={self.objective!r} scores the drawn paths: it needs "

@@ -26,7 +26,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
 
 from dmm_jax import distributed
-from dmm_jax.config import TrainConfig
+from dmm_jax.config import DROPOUTS, TrainConfig
 from dmm_jax.data.arrays import SequenceArrays
 from dmm_jax.data.batching import (
     PaddedSequences,
@@ -66,13 +66,14 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
     if draws_in_model(model_config, train_config):
         bound["draws"] = train_config.particles
     dropout = {}
-    if train_config.dropout:
-        if not family.dropout:
-            takes = ", ".join(name for name, f in FAMILIES.items() if f.dropout)
-            raise ValueError(
-                f"TrainConfig.dropout: the {family.name} family has no dropout ({takes} do)"
-            )
-        dropout["dropout"] = train_config.dropout
+    for field in DROPOUTS:
+        if getattr(train_config, field):
+            if not family.takes(field):
+                takes = ", ".join(name for name, f in FAMILIES.items() if f.takes(field))
+                raise ValueError(
+                    f"TrainConfig.{field}: the {family.name} family has no {field} ({takes} do)"
+                )
+            dropout[field] = getattr(train_config, field)
     return SVI(
         functools.partial(family.model, **bound, **dropout),
         functools.partial(family.guide, **bound),

@@ -1,6 +1,7 @@
-"""Dropout on the emission network's input while training (``TrainConfig.dropout``): the mask's
-rate and scale, the training loss it changes for the DMM and the VRNN (the model only; a rate
-near 0 leaves every other draw as it was), finite gradients, and the settings it refuses."""
+"""Dropout inside a model while training: on the emission network's input
+(``TrainConfig.dropout``) and on the VRNN's RNN input (``TrainConfig.input_dropout``). The
+mask's rate and scale, the training loss each changes for the DMM and the VRNN (the model only;
+a rate near 0 leaves every other draw as it was), finite gradients, and the settings refused."""
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +12,20 @@ from numpyro import handlers
 
 from dmm_jax.config import DMMConfig, TrainConfig, VRNNConfig
 from dmm_jax.continuous_config import LatentODEConfig
-from dmm_jax.models.common import emission_dropout
+from dmm_jax.models.common import model_dropout
 from dmm_jax.step import build_svi, init_train_state
 
 
 def test_the_mask_drops_at_its_rate_and_keeps_the_expectation():
     features = jnp.ones((200, 500))
-    dropped = handlers.seed(emission_dropout, 0)(features, 0.3)
+    dropped = handlers.seed(model_dropout, 0)(features, 0.3)
     kept = np.asarray(dropped) != 0.0
     assert abs(1.0 - kept.mean() - 0.3) < 0.01
     np.testing.assert_allclose(np.asarray(dropped)[kept], 1.0 / 0.7, rtol=1e-6)
     assert abs(float(dropped.mean()) - 1.0) < 0.02
-    assert emission_dropout(features, 0.0) is features
+    assert model_dropout(features, 0.0) is features
     with pytest.raises(ValueError, match="seed"), pytest.warns(UserWarning):
-        emission_dropout(features, 0.3)
+        model_dropout(features, 0.3)
 
 
 CONFIGS = {
@@ -42,15 +43,18 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_dropout_changes_the_training_loss_only_through_its_mask(name, key):
+@pytest.mark.parametrize(
+    "name, field", [("dmm-aug-nade", "dropout"), ("vrnn", "dropout"), ("vrnn", "input_dropout")]
+)
+def test_dropout_changes_the_training_loss_only_through_its_mask(name, field, key):
     config = CONFIGS[name]
     x, lengths = random_binary_batch(1, 3, 7, config.obs_dim, lengths=[7, 4, 2])
     # The closed-form-KL ELBO (the DMM's) traces the model as the IWAE bound does; the VRNN's
     # ELBO is NumPyro's Trace_ELBO, which seeds the model itself.
     settings = {"dmm-aug-nade": {"kl": "analytic"}, "vrnn": {}}[name]
     svis = {
-        rate: build_svi(config, TrainConfig(dropout=rate, **settings)) for rate in (0.0, 1e-9, 0.5)
+        rate: build_svi(config, TrainConfig(**{field: rate}, **settings))
+        for rate in (0.0, 1e-9, 0.5)
     }
     params = svis[0.0].get_params(init_train_state(svis[0.0], 0, config.obs_dim).svi_state)
 
@@ -75,3 +79,37 @@ def test_dropout_settings_that_do_not_combine_are_refused():
         TrainConfig(dropout=0.2, objective="fivo", particles=2)
     with pytest.raises(ValueError, match="latent-ode family has no dropout"):
         build_svi(LatentODEConfig(), TrainConfig(dropout=0.2))
+    with pytest.raises(ValueError, match="input_dropout"):
+        TrainConfig(input_dropout=1.0)
+    with pytest.raises(ValueError, match="input_dropout.*fivo"):
+        TrainConfig(input_dropout=0.2, objective="fivo", particles=2)
+    with pytest.raises(ValueError, match="the dmm family has no input_dropout \\(vrnn do\\)"):
+        build_svi(CONFIGS["dmm-aug-nade"], TrainConfig(input_dropout=0.2))
+
+
+def test_input_dropout_reaches_the_model_rnn_and_not_the_guide(key):
+    """With every feature dropped but a few, the model's RNN runs on (nearly) nothing: its
+    prior's conditioning differs from the undropped one, while the guide's draw is unchanged."""
+    from dmm_jax.models.vrnn import guide, model
+
+    config = CONFIGS["vrnn"]
+    x, lengths = random_binary_batch(1, 3, 7, config.obs_dim, lengths=[7, 4, 2])
+    svi = build_svi(config, TrainConfig())
+    params = svi.get_params(init_train_state(svi, 0, config.obs_dim).svi_state)
+
+    def traces(rate):
+        guided = handlers.trace(handlers.substitute(handlers.seed(guide, key), params))
+        guided.get_trace(x, lengths, config=config)
+        drawn = guided.trace["z"]["value"]
+        conditioned = handlers.substitute(
+            handlers.seed(model, jax.random.fold_in(key, 1)), {**params, "z": drawn}
+        )
+        model_trace = handlers.trace(conditioned).get_trace(
+            x, lengths, config=config, input_dropout=rate
+        )
+        return drawn, model_trace["z"]["fn"].log_prob(drawn)
+
+    z_plain, prior_plain = traces(0.0)
+    z_dropped, prior_dropped = traces(0.99)
+    np.testing.assert_array_equal(np.asarray(z_plain), np.asarray(z_dropped))
+    assert float(jnp.max(jnp.abs(prior_plain - prior_dropped))) > 1e-3

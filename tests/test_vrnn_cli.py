@@ -33,12 +33,13 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(data_file, tmp_path_factory):
-    """A VRNN trained for one epoch by ``dmm-jax train --model vrnn`` (with dropout)."""
+    """A VRNN trained for one epoch by ``dmm-jax train --model vrnn`` (with both dropouts)."""
     directory = tmp_path_factory.mktemp("vrnn")
     log = directory / "log.jsonl"
     args = ["train", "--model", "vrnn", "--data", str(data_file), *TINY, "--epochs", "1"]
     args += ["--batch-size", "4", "--checkpoint-dir", str(directory), "--log-json", str(log)]
-    assert main([*args, "--dropout", "0.2", "--no-progress"]) == 0
+    dropouts = ["--dropout", "0.2", "--input-dropout", "0.1"]
+    assert main([*args, *dropouts, "--no-progress"]) == 0
     [record] = [json.loads(line) for line in log.read_text().splitlines()]
     assert np.isfinite(record["train_loss_per_step"]) and np.isfinite(record["test_loss_per_step"])
     return directory
@@ -50,7 +51,7 @@ def test_train_writes_a_vrnn_checkpoint(checkpoint):
         obs_dim=88, z_dim=3, rnn_dim=8, feature_dim=8, hidden_dim=8
     )
     assert int(run.state.epoch) == 1 and run.metadata["dataset"] == "jsb_chorales"
-    assert run.train_config.dropout == 0.2
+    assert run.train_config.dropout == 0.2 and run.train_config.input_dropout == 0.1
     assert "encoder$params" in run.params and "prior$params" in run.params
 
 

@@ -75,11 +75,11 @@ class ModelFamily:
     predict: Callable | None = None
     draws_in_model: bool = False
 
-    @property
-    def dropout(self) -> bool:
-        """Whether the model takes ``dropout``, a rate of dropout on its emission network's
-        input (``TrainConfig.dropout``; training only)."""
-        return "dropout" in inspect.signature(self.model).parameters
+    def takes(self, keyword: str) -> bool:
+        """Whether the model takes ``keyword``: for a rate of dropout, ``"dropout"`` (on its
+        emission network's input) or ``"input_dropout"`` (``TrainConfig``'s fields of those
+        names; training only)."""
+        return keyword in inspect.signature(self.model).parameters
 
     @property
     def split_metrics(self) -> Callable | None:

@@ -42,10 +42,11 @@ def bound_networks(networks: dict, params: dict) -> dict:
     }
 
 
-def emission_dropout(features: Array, rate: float) -> Array:
-    """Inverted dropout on the emission network's input inside a model: each entry zeroed with
-    probability ``rate`` and the rest scaled by 1 / (1 - rate), so its expectation is unchanged;
-    ``rate`` 0 returns ``features`` itself. The mask's key is NumPyro's (``numpyro.prng_key``)."""
+def model_dropout(features: Array, rate: float) -> Array:
+    """Inverted dropout inside a model (on its emission network's input, or the VRNN's on the
+    observations' features entering its RNN): each entry zeroed with probability ``rate`` and
+    the rest scaled by 1 / (1 - rate), so its expectation is unchanged; ``rate`` 0 returns
+    ``features`` itself. The mask's key is NumPyro's (``numpyro.prng_key``)."""
     if rate == 0.0:
         return features
     key = numpyro.prng_key()

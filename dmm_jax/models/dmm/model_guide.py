@@ -60,7 +60,7 @@ from dmm_jax.emissions import (
 )
 from dmm_jax.flows import InverseAutoregressiveFlow
 from dmm_jax.models.common import (
-    emission_dropout,
+    model_dropout,
     observed_entries,
     previous_observations,
     sequence_mask,
@@ -179,7 +179,7 @@ def model(
                 MarkovGaussianChain(transition, z_0, batch, num_steps, mask, covariates, steps),
             )
         emission_in = with_extras(z, emission_extras(config, inputs, x_prev))
-        emission_in = emission_dropout(emission_in, dropout)
+        emission_in = model_dropout(emission_in, dropout)
         fill = PADDING_FILL[config.emission]
         decoded = per_real_step(emitter, steps, emission_in, fill=fill)
         per_step = step_emission(config, decoded, weights, present, steps)

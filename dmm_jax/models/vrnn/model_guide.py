@@ -24,7 +24,7 @@ from dmm_jax.emissions import (
     emission_distribution,
 )
 from dmm_jax.models.common import (
-    emission_dropout,
+    model_dropout,
     observed_entries,
     sequence_mask,
     transition_covariates,
@@ -184,17 +184,20 @@ def model(
     obs_mask: Array | None = None,
     steps: RealSteps | None = None,
     dropout: float = 0.0,
+    input_dropout: float = 0.0,
 ):
     """p(x_{1:T}, z_{1:T}) per sequence; returns z [B, T, Z]. Arguments as the DMM's model
     (``dmm_jax.models.dmm``); missing entries (NaN or ``obs_mask`` False) are not scored and
     are read as 0 by phi_x. ``dropout``: the rate of dropout on the decoder's input
-    [phi_z(z_t), g_t] (training only)."""
+    [phi_z(z_t), g_t]; ``input_dropout``: on phi_x(x_t) where it enters the model's RNN
+    (training only). The guide keeps its own, undropped RNN: any guide gives a bound on the
+    model each mask draws, so the two need not share a mask."""
     batch, num_steps, _ = x.shape
     covariates = transition_covariates(config, batch, num_steps, inputs, dt)
     x, present = observed_entries(x, obs_mask)
     nets = register(config, ("phi_x", "phi_z", "rnn", "prior", "decoder", "nade"))
     mask = sequence_mask(lengths, num_steps)
-    features_x = per_real_step(nets["phi_x"], steps, x)
+    features_x = model_dropout(per_real_step(nets["phi_x"], steps, x), input_dropout)
     prior = VRNNPrior(nets, config, features_x, covariates, mask, steps)
     with numpyro.plate("sequences", batch):
         with handlers.scale(scale=annealing_factor):
@@ -203,7 +206,7 @@ def model(
         decoded = per_real_step(
             nets["decoder"],
             steps,
-            emission_dropout(jnp.concatenate([features_z, g], axis=-1), dropout),
+            model_dropout(jnp.concatenate([features_z, g], axis=-1), dropout),
             fill=PADDING_FILL[config.emission],
         )
         decoded = decoded_with_weights(nets, config, decoded)
