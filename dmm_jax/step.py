@@ -65,7 +65,7 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
     bound = {"config": model_config}
     if draws_in_model(model_config, train_config):
         bound["draws"] = train_config.particles
-    dropout = {}
+    dropouts = {}
     for field in DROPOUTS:
         if getattr(train_config, field):
             if not family.takes(field):
@@ -73,9 +73,9 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
                 raise ValueError(
                     f"TrainConfig.{field}: the {family.name} family has no {field} ({takes} do)"
                 )
-            dropout[field] = getattr(train_config, field)
+            dropouts[field] = getattr(train_config, field)
     return SVI(
-        functools.partial(family.model, **bound, **dropout),
+        functools.partial(family.model, **bound, **dropouts),
         functools.partial(family.guide, **bound),
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
         training_objective(model_config, train_config),

@@ -13,6 +13,7 @@ from numpyro import handlers
 from dmm_jax.config import DMMConfig, TrainConfig, VRNNConfig
 from dmm_jax.continuous_config import LatentODEConfig
 from dmm_jax.models.common import model_dropout
+from dmm_jax.models.vrnn import guide, model
 from dmm_jax.step import build_svi, init_train_state
 
 
@@ -90,8 +91,6 @@ def test_dropout_settings_that_do_not_combine_are_refused():
 def test_input_dropout_reaches_the_model_rnn_and_not_the_guide(key):
     """With every feature dropped but a few, the model's RNN runs on (nearly) nothing: its
     prior's conditioning differs from the undropped one, while the guide's draw is unchanged."""
-    from dmm_jax.models.vrnn import guide, model
-
     config = CONFIGS["vrnn"]
     x, lengths = random_binary_batch(1, 3, 7, config.obs_dim, lengths=[7, 4, 2])
     svi = build_svi(config, TrainConfig())
