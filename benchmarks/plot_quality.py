@@ -38,12 +38,25 @@ def config_name(path: Path) -> str:
     return path.stem.split("_")[2]
 
 
+def cpu_description(machine: dict) -> str:
+    """'AMD EPYC (cpu family 26 model 2 stepping 1, 2 cores)' from a result file's ``machine``."""
+    details = [machine["cpu_signature"]] if machine.get("cpu_signature") else []
+    if machine.get("cpus_on_machine"):
+        details.append(f"{machine['cpus_on_machine']} cores")
+    name = machine.get("cpu_model", "unknown CPU")
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def footnote(out: str, items: list[str], results: list[dict]) -> str:
     """Where the figure comes from: the command that drew it (``items``: its RESULT.json[:LABEL]
     arguments), the CPU model, jax version and date of the runs, as their files record them."""
-    cpus = list(
-        dict.fromkeys(r.get("machine", {}).get("cpu_model", "unknown CPU") for r in results)
-    )
+    # One entry per CPU model: the most detailed description any run's file gives of it.
+    described: dict[str, str] = {}
+    for result in results:
+        machine = result.get("machine", {})
+        name, text = machine.get("cpu_model", "unknown CPU"), cpu_description(machine)
+        described[name] = max(described.get(name, name), text, key=len)
+    cpus = list(described.values())
     versions = sorted({r.get("versions", {}).get("jax", "?") for r in results})
     dates = sorted({r.get("date", "?") for r in results})
     command = ["python", "benchmarks/plot_quality.py", "--out", out, *items]
@@ -51,7 +64,7 @@ def footnote(out: str, items: list[str], results: list[dict]) -> str:
         [
             shlex.join(command),
             (
-                f"runs: python benchmarks/quality.py (commands in the result files); "
+                "trained by python benchmarks/quality.py, each command in its result file; "
                 f"CPU {', '.join(cpus)}; jax {', '.join(versions)}; {', '.join(dates)}"
             ),
         ]

@@ -219,10 +219,11 @@ def test_plot_quality_draws_result_files_and_names_a_file_without_history(tmp_pa
     assert out.read_bytes().startswith(b"\x89PNG")
     items = [str(first), f"{first}:a label"]
     result = json.loads(first.read_text())
-    note = plot_quality.footnote(str(out), items, [result, result])
+    older = {**result, "machine": {"cpu_model": "AMD EPYC"}}  # a file without the signature
+    note = plot_quality.footnote(str(out), items, [older, result, result])
     command = f"python benchmarks/plot_quality.py --out {out} {first} '{first}:a label'"
     assert note.splitlines()[0] == command
-    assert "; CPU AMD EPYC; jax" in note  # once, though two runs name it
+    assert "; CPU AMD EPYC (cpu family 26); jax" in note  # once, though two runs name it
     assert note.endswith("jax 0.10.2; 2026-12-07")
     with pytest.raises(SystemExit, match="empty_cpu.*empty history"):
         plot_quality.main([str(first), str(empty), "--out", str(out)])
