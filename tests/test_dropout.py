@@ -89,26 +89,25 @@ def test_dropout_settings_that_do_not_combine_are_refused():
 
 
 def test_input_dropout_reaches_the_model_rnn_and_not_the_guide(key):
-    """With every feature dropped but a few, the model's RNN runs on (nearly) nothing: its
-    prior's conditioning differs from the undropped one, while the guide's draw is unchanged."""
+    """With every feature dropped but a few, the model's RNN runs on (nearly) nothing: the prior
+    it scores the guide's draw under differs from the undropped one. ``build_svi`` hands the
+    rate to the model only; the guide's RNN reads every feature."""
     config = CONFIGS["vrnn"]
     x, lengths = random_binary_batch(1, 3, 7, config.obs_dim, lengths=[7, 4, 2])
-    svi = build_svi(config, TrainConfig())
+    svi = build_svi(config, TrainConfig(input_dropout=0.5))
+    assert svi.model.keywords["input_dropout"] == 0.5
+    assert "input_dropout" not in svi.guide.keywords
     params = svi.get_params(init_train_state(svi, 0, config.obs_dim).svi_state)
+    guided = handlers.trace(handlers.substitute(handlers.seed(guide, key), params))
+    drawn = guided.get_trace(x, lengths, config=config)["z"]["value"]
 
-    def traces(rate):
-        guided = handlers.trace(handlers.substitute(handlers.seed(guide, key), params))
-        guided.get_trace(x, lengths, config=config)
-        drawn = guided.trace["z"]["value"]
+    def prior_log_prob(rate):
         conditioned = handlers.substitute(
             handlers.seed(model, jax.random.fold_in(key, 1)), {**params, "z": drawn}
         )
         model_trace = handlers.trace(conditioned).get_trace(
             x, lengths, config=config, input_dropout=rate
         )
-        return drawn, model_trace["z"]["fn"].log_prob(drawn)
+        return model_trace["z"]["fn"].log_prob(drawn)
 
-    z_plain, prior_plain = traces(0.0)
-    z_dropped, prior_dropped = traces(0.99)
-    np.testing.assert_array_equal(np.asarray(z_plain), np.asarray(z_dropped))
-    assert float(jnp.max(jnp.abs(prior_plain - prior_dropped))) > 1e-3
+    assert float(jnp.max(jnp.abs(prior_log_prob(0.0) - prior_log_prob(0.99)))) > 1e-3
