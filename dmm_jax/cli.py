@@ -263,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "[-K, K] at every update, never off the keyboard (validation and test as they are; "
         "0: never)",
     )
+    train.add_argument(
+        "--weight-average",
+        type=float,
+        default=t.weight_average,
+        metavar="DECAY",
+        help="keep an exponential moving average of the parameters, DECAY per update (e.g. "
+        "0.99); evaluation, early stopping, checkpoints and the trained model use it (0: off)",
+    )
     train.add_argument("--eval-every", type=int, default=t.eval_every, help="0: only at the end")
     train.add_argument("--eval-samples", type=int, default=t.eval_samples)
     _add_model_flags(train)

@@ -120,6 +120,7 @@ def _train(args: argparse.Namespace) -> int:
             dropout=args.dropout,
             input_dropout=args.input_dropout,
             transpose=args.transpose,
+            weight_average=args.weight_average,
         )
         if train_config.kl == "analytic" and args.num_iafs:
             raise ValueError("--kl analytic is not available with --num-iafs > 0 (use sampled)")

@@ -265,6 +265,10 @@ class TrainConfig:
     # [-transpose, transpose] at every update, never off the keyboard (dmm_jax.data.transpose);
     # validation and test are never shifted. 0: never.
     transpose: int = 0
+    # Exponential moving average of the parameters over updates, with this decay per update
+    # (dmm_jax.optim.average_weights): evaluation during training, early stopping, checkpoints'
+    # parameters and the returned model are the average. 0: the last update's parameters.
+    weight_average: float = 0.0
 
     def __post_init__(self):
         positive = (
@@ -303,6 +307,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.minimum_annealing_factor must be in (0, 1]")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("TrainConfig.lr_decay must be in (0, 1]")
+        if not 0.0 <= self.weight_average < 1.0:
+            raise ValueError(
+                f"TrainConfig.weight_average must be in [0, 1), got {self.weight_average!r}"
+            )
         for field in DROPOUTS:
             rate = getattr(self, field)
             if not 0.0 <= rate < 1.0:

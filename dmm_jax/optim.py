@@ -3,12 +3,15 @@
 ``clipped_adam`` is Pyro's ClippedAdam as an optax transformation over the parameters raveled
 into one vector: each gradient element clipped to +-clip_norm, L2 weight decay added to the
 gradient, Adam(beta1, beta2, eps) with Pyro's bias correction, and a learning-rate schedule
-(``TrainConfig.lr_schedule``). ``annealing_factor`` scales the KL term per mini-batch.
+(``TrainConfig.lr_schedule``). ``average_weights`` keeps an exponential moving average of the
+parameters beside it (``TrainConfig.weight_average``). ``annealing_factor`` scales the KL term
+per mini-batch.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,15 +78,70 @@ def clipped_adam(config: TrainConfig, steps_per_epoch: int = 1) -> optax.Gradien
 
     Every step is elementwise, so it runs on all parameters raveled into one vector
     (``optax.flatten``): the same numbers, but a handful of fused loops instead of a few per
-    parameter array, which compiles about a second faster per batch shape.
+    parameter array, which compiles about a second faster per batch shape. With
+    ``config.weight_average`` the chain ends with ``average_weights``.
     """
-    return optax.flatten(
+    adam = optax.flatten(
         optax.chain(
             optax.clip(config.clip_norm),
             optax.add_decayed_weights(config.weight_decay),
             scale_by_pyro_adam(config.beta1, config.beta2, config.adam_eps),
             optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch)),
         )
+    )
+    if config.weight_average:  # outside flatten: the average keeps the parameters' tree
+        return optax.chain(adam, average_weights(config.weight_average))
+    return adam
+
+
+class WeightAverage(NamedTuple):
+    """State of ``average_weights``: the moving average before its bias correction."""
+
+    total: Any  # sum over updates k of (1 - decay) decay^(n - k) params_k, a parameter pytree
+    count: jax.Array  # int32: updates averaged, n
+    decay: jax.Array  # float32 scalar, kept so that the state alone gives the average
+
+
+def average_weights(decay: float) -> optax.GradientTransformation:
+    """Passes the updates through unchanged and keeps an exponential moving average of the
+    parameters they produce (Polyak averaging with a forgetting factor), read by
+    ``averaged_params``. Starting from zero with Adam's bias correction, the average after one
+    update is that update's parameters, not a mix with the initial ones."""
+
+    def init_fn(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return WeightAverage(zeros, jnp.zeros([], jnp.int32), jnp.asarray(decay, jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("average_weights needs the parameters (optax update's params)")
+        new_params = optax.apply_updates(params, updates)
+        d = state.decay
+        total = jax.tree.map(lambda t, p: d * t + (1.0 - d) * p, state.total, new_params)
+        return updates, WeightAverage(total, state.count + 1, d)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def averaged_params(optimizer_state: Any, params: Any) -> Any:
+    """The moving average that ``average_weights`` keeps somewhere in ``optimizer_state``
+    (bias-corrected: total / (1 - decay^count)); ``params`` where there is none or before the
+    first update."""
+    found = [
+        leaf
+        for leaf in jax.tree.leaves(
+            optimizer_state, is_leaf=lambda node: isinstance(node, WeightAverage)
+        )
+        if isinstance(leaf, WeightAverage)
+    ]
+    if not found:
+        return params
+    (state,) = found
+    correction = 1.0 - state.decay ** state.count.astype(jnp.float32)
+    return jax.tree.map(
+        lambda t, p: jnp.where(state.count > 0, t / jnp.where(state.count > 0, correction, 1.0), p),
+        state.total,
+        params,
     )
 
 

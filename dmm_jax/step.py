@@ -35,7 +35,7 @@ from dmm_jax.data.batching import (
 )
 from dmm_jax.models import FAMILIES, family_of
 from dmm_jax.objectives import AnalyticKLTraceELBO, FilteringObjective, ImportanceWeightedELBO
-from dmm_jax.optim import clipped_adam
+from dmm_jax.optim import averaged_params, clipped_adam
 from dmm_jax.runtime import compiler_options as default_compiler_options
 
 Array = jax.Array
@@ -80,6 +80,14 @@ def build_svi(model_config: Any, train_config: TrainConfig, steps_per_epoch: int
         optax_to_numpyro(clipped_adam(train_config, steps_per_epoch)),
         training_objective(model_config, train_config),
     )
+
+
+def trained_params(svi: SVI, svi_state: SVIState) -> dict[str, Any]:
+    """The parameters a run has learned: ``svi.get_params``, or their moving average where the
+    run keeps one (``TrainConfig.weight_average``); evaluation, early stopping and everything
+    loaded from a checkpoint use these."""
+    params = svi.optim.get_params(svi_state.optim_state)
+    return svi.constrain_fn(averaged_params(svi_state.optim_state, params))
 
 
 def draws_in_model(model_config: Any, train_config: TrainConfig) -> bool:

@@ -53,7 +53,14 @@ from dmm_jax.models import family_of
 from dmm_jax.models.common import example_covariates
 from dmm_jax.optim import annealing_factor
 from dmm_jax.real_steps import grouped_real_steps, real_steps
-from dmm_jax.step import TrainState, UpdateStep, build_svi, init_train_state, real_step_plan
+from dmm_jax.step import (
+    TrainState,
+    UpdateStep,
+    build_svi,
+    init_train_state,
+    real_step_plan,
+    trained_params,
+)
 
 # Transposition keys fold the batch index into the epoch's key above this offset, apart from
 # what the shuffle derives from that key.
@@ -110,7 +117,7 @@ def load_run(checkpoint_dir: str | os.PathLike, *, best: bool = False) -> Loaded
     params = svi.get_params(template.svi_state)
     state = restore_state(template, migrate_state(saved["state"], params), saved["path"])
     return LoadedRun(
-        svi.get_params(state.svi_state),
+        trained_params(svi, state.svi_state),
         state,
         saved["model_config"],
         saved["train_config"],
@@ -411,7 +418,7 @@ def fit(
             every = train_config.eval_every
             due = epoch + 1 == train_config.epochs or (every and (epoch + 1) % every == 0)
             if eval_sets and due:
-                params = svi.get_params(state.svi_state)
+                params = trained_params(svi, state.svi_state)
                 for name, data in eval_sets.items():
                     key = jax.random.fold_in(state.eval_key, epoch)
                     try:
@@ -454,7 +461,7 @@ def fit(
         f"compiled {len(update.compiled_shapes)} training shapes in "
         f"{update.compile_seconds:.1f} s: {update.compiled_shapes}"
     )
-    return TrainResult(svi.get_params(state.svi_state), state, history, update.compiled_shapes)
+    return TrainResult(trained_params(svi, state.svi_state), state, history, update.compiled_shapes)
 
 
 def _format_record(record: dict[str, Any]) -> str:

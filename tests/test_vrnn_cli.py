@@ -33,12 +33,13 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(data_file, tmp_path_factory):
-    """A VRNN trained for one epoch by ``dmm-jax train --model vrnn`` (with both dropouts)."""
+    """A VRNN trained for one epoch by ``dmm-jax train --model vrnn`` (with both dropouts and a
+    moving average of its weights)."""
     directory = tmp_path_factory.mktemp("vrnn")
     log = directory / "log.jsonl"
     args = ["train", "--model", "vrnn", "--data", str(data_file), *TINY, "--epochs", "1"]
     args += ["--batch-size", "4", "--checkpoint-dir", str(directory), "--log-json", str(log)]
-    dropouts = ["--dropout", "0.2", "--input-dropout", "0.1"]
+    dropouts = ["--dropout", "0.2", "--input-dropout", "0.1", "--weight-average", "0.5"]
     assert main([*args, *dropouts, "--no-progress"]) == 0
     [record] = [json.loads(line) for line in log.read_text().splitlines()]
     assert np.isfinite(record["train_loss_per_step"]) and np.isfinite(record["test_loss_per_step"])
@@ -52,6 +53,7 @@ def test_train_writes_a_vrnn_checkpoint(checkpoint):
     )
     assert int(run.state.epoch) == 1 and run.metadata["dataset"] == "jsb_chorales"
     assert run.train_config.dropout == 0.2 and run.train_config.input_dropout == 0.1
+    assert run.train_config.weight_average == 0.5
     assert "encoder$params" in run.params and "prior$params" in run.params
 
 
