@@ -345,7 +345,8 @@ def fit(
             rate). Not used when ``resume`` finds a checkpoint.
 
     Returns:
-        TrainResult with the final parameters, state, per-epoch history and compiled shapes.
+        TrainResult with the final parameters (their moving average with
+        ``train_config.weight_average``), state, per-epoch history and compiled shapes.
     """
     model_config = model_config or DMMConfig()
     train_config = train_config or TrainConfig()
