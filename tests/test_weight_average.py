@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import random_binary_batch
 from test_train import _structured_binary_data
 
 from dmm_jax.config import TrainConfig
 from dmm_jax.evaluate import evaluate_split
 from dmm_jax.optim import average_weights, averaged_params, clipped_adam
-from dmm_jax.step import init_train_state, trained_params
+from dmm_jax.step import build_svi, init_train_state, trained_params
 from dmm_jax.train import fit, load_run
 
 
@@ -29,11 +30,9 @@ def test_average_is_the_bias_corrected_moving_average_of_every_update():
         )
         params = optax.apply_updates(params, updates)
         history.append(params)
-    weights = np.array([(1 - decay) * decay ** (len(history) - 1 - k) for k in range(len(history))])
-    weights /= weights.sum()
+    expected = closed_form_average(history, decay)
     for name in params:
-        expected = sum(w * np.asarray(p[name]) for w, p in zip(weights, history))
-        np.testing.assert_allclose(averaged_params(state, params)[name], expected, rtol=1e-5)
+        np.testing.assert_allclose(averaged_params(state, params)[name], expected[name], rtol=1e-5)
 
 
 def test_before_any_update_and_without_an_average_the_parameters_are_returned():
@@ -42,6 +41,31 @@ def test_before_any_update_and_without_an_average_the_parameters_are_returned():
     np.testing.assert_array_equal(averaged_params(state, params)["w"], params["w"])
     plain = clipped_adam(TrainConfig()).init(params)
     assert averaged_params(plain, params) is params
+
+
+def closed_form_average(history, decay):
+    """sum_k (1 - d) d^(n-1-k) p_k / (1 - d^n) over the parameters p_k after each update."""
+    weights = np.array([(1 - decay) * decay ** (len(history) - 1 - k) for k in range(len(history))])
+    weights /= weights.sum()
+    return jax.tree.map(lambda *ps: sum(w * np.asarray(p) for w, p in zip(weights, ps)), *history)
+
+
+def test_svi_updates_average_the_parameters_adam_produced(tiny_config):
+    # Through build_svi's optimizer: the average is of the parameters after each Adam step
+    # (not of the gradients, and bias-corrected), as trained_params reads it.
+    decay = 0.8
+    svi = build_svi(tiny_config, TrainConfig(learning_rate=1e-2, weight_average=decay))
+    state = init_train_state(svi, 0, tiny_config.obs_dim).svi_state
+    x, lengths = random_binary_batch(1, 4, 7, tiny_config.obs_dim, lengths=[7, 3, 5, 1])
+    update = jax.jit(svi.update)
+    history = []
+    for _ in range(4):
+        state, _ = update(state, x, lengths, 1.0)
+        history.append(svi.get_params(state))
+    expected = closed_form_average(history, decay)
+    got = trained_params(svi, state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_weight_average_must_be_below_one():
@@ -82,8 +106,6 @@ def test_fit_evaluates_returns_and_saves_the_average(averaged_run, tiny_config):
 
 
 def test_trained_params_without_an_average_are_svi_params(tiny_config):
-    from dmm_jax.step import build_svi
-
     svi = build_svi(tiny_config, TrainConfig())
     state = init_train_state(svi, 0, tiny_config.obs_dim)
     got, expected = trained_params(svi, state.svi_state), svi.get_params(state.svi_state)
