@@ -137,12 +137,9 @@ def averaged_params(optimizer_state: Any, params: Any) -> Any:
     if not found:
         return params
     (state,) = found
-    correction = 1.0 - state.decay ** state.count.astype(jnp.float32)
-    return jax.tree.map(
-        lambda t, p: jnp.where(state.count > 0, t / jnp.where(state.count > 0, correction, 1.0), p),
-        state.total,
-        params,
-    )
+    updated = state.count > 0
+    correction = jnp.where(updated, 1.0 - state.decay ** state.count.astype(jnp.float32), 1.0)
+    return jax.tree.map(lambda t, p: jnp.where(updated, t / correction, p), state.total, params)
 
 
 def annealing_factor(epoch: int, batch_index: int, num_batches: int, config: TrainConfig) -> float:
