@@ -1,13 +1,14 @@
 """Validation and training curves of several ``benchmarks/quality.py`` runs on one figure.
 
-    python benchmarks/plot_quality.py --out docs/images/jsb_vrnn_nade_regularisation.png \\
+    python benchmarks/plot_quality.py --out docs/images/jsb_vrnn_nade_regularisation.svg \\
         benchmarks/results/quality_jsb_vrnn-nade_cpu_epyc_2026-12.json:"no dropout" \\
         benchmarks/results/quality_jsb_vrnn-nade-dropout50_cpu_epyc_2026-12.json:"dropout 0.5"
 
 Each argument is a result file, optionally followed by ``:LABEL`` (default: its config name);
 its per-epoch ``history`` is drawn as ``dmm-jax plot`` draws several training logs. Under the
 axes the figure names this command, and the CPU model, jax version and date of the runs as
-their files record them.
+their files record them. ``--out`` ending in ``.svg`` keeps that text as text (the figures in
+``docs/images``); ``.png`` draws it into pixels.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dmm_jax.plots import comparison_figure, save_png
+from dmm_jax.plots import comparison_figure, save_figure
 
 
 def read_result(path: Path) -> dict:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results", nargs="+", help="RESULT.json or RESULT.json:LABEL")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True, help="PNG or SVG file to write (by its suffix)")
     parser.add_argument("--span", type=float, default=3.0, help="nats per step shown")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     paths, labels = [], []
@@ -87,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     results = [read_result(path) for path in paths]
     runs = {label: result["history"] for label, result in zip(labels, results, strict=True)}
     note = footnote(args.out, args.results, results)
-    print(save_png(comparison_figure(runs, span=args.span, footnote=note), args.out))
+    figure = comparison_figure(runs, span=args.span, footnote=note)
+    try:
+        print(save_figure(figure, args.out))
+    except ValueError as err:
+        raise SystemExit(f"--out {err}") from err
     return 0
 
 

@@ -2,8 +2,9 @@
 training curves of one run or several side by side (matplotlib, Agg).
 
 Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through pyplot,
-so nothing here needs a display or touches global backend state. ``save_png`` writes
-atomically; ``png_bytes`` is for notebooks (``IPython.display.Image(png_bytes(fig))``).
+so nothing here needs a display or touches global backend state. ``save_png`` and
+``save_figure`` (PNG or SVG by the file's suffix) write atomically; ``png_bytes`` is for
+notebooks (``IPython.display.Image(png_bytes(fig))``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -39,9 +41,28 @@ def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
+def svg_bytes(figure: Figure) -> bytes:
+    """``figure`` as SVG with its text kept as text (searchable, diffable) and no creation
+    date or random ids (the same figure gives the same bytes)."""
+    buffer = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "dmm_jax"}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+    return buffer.getvalue()
+
+
 def save_png(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Writes ``figure`` as a PNG at ``path`` (atomically, creating the folder)."""
     return atomic_write_bytes(path, png_bytes(figure, dpi))
+
+
+def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Writes ``figure`` at ``path`` as PNG (``.png``) or SVG (``.svg``), atomically."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".svg":
+        return atomic_write_bytes(path, svg_bytes(figure))
+    if suffix == ".png":
+        return save_png(figure, path, dpi)
+    raise ValueError(f"{path}: a figure is written as .png or .svg, not {suffix or 'no suffix'!r}")
 
 
 def _pitch_window(rolls: Sequence[np.ndarray]) -> tuple[int, int]:

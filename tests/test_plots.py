@@ -1,4 +1,5 @@
-"""Piano-roll and training-curve pictures: they show the data they are given, as PNG files."""
+"""Piano-roll and training-curve pictures: they show the data they are given, as PNG or SVG
+files."""
 
 import json
 
@@ -11,6 +12,7 @@ from dmm_jax.plots import (
     piano_roll_figure,
     posterior_figure,
     read_training_log,
+    save_figure,
     save_png,
     training_curves_figure,
 )
@@ -117,3 +119,18 @@ def test_comparison_draws_each_runs_validation_and_training_curves_in_one_colour
     assert text.get_text().replace("\n  ", "").replace("\n", " ") == footnote.replace("\n", " ")
     with pytest.raises(ValueError, match="run 'c' has no validation values"):
         comparison_figure({"c": [{"epoch": 0, "train_loss_per_step": 1.0}]})
+
+
+def test_save_figure_writes_svg_with_its_text_as_text_and_the_same_bytes_each_time(tmp_path):
+    runs = {"a": [{"epoch": 0, "train_loss_per_step": 6.0, "val_loss_per_step": 7.0}]}
+    figure = comparison_figure(runs, footnote="python draw.py --out curves.svg\nCPU X; 2026-12-08")
+    first = save_figure(figure, tmp_path / "curves.svg")
+    svg = first.read_text()
+    assert svg.lstrip().startswith("<?xml") and "python draw.py --out curves.svg" in svg
+    assert "<dc:date>" not in svg  # no creation date: the figure alone decides the bytes
+    again = save_figure(figure, tmp_path / "again.svg")
+    assert again.read_bytes() == first.read_bytes()
+    assert save_figure(figure, tmp_path / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError, match=r"curves\.pdf: a figure is written as \.png or \.svg"):
+        save_figure(figure, tmp_path / "curves.pdf")
+    assert not (tmp_path / "curves.pdf").exists()
